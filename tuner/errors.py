@@ -1,0 +1,25 @@
+"""User-facing errors: one line naming the file, line and field; the CLI exits 2 on them."""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Bad input from the user (trace, YAML, option). Printed as one line, exit code 2."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.line = line
+        self.field = field
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = str(self.file)
+            if self.line is not None:
+                where += f":{self.line}"
+            where += ": "
+        field = f"field '{self.field}': " if self.field else ""
+        return f"{where}{field}{self.message}"
