@@ -1,0 +1,90 @@
+"""Knob values <-> command-line flags, driven by each knob's flag mapping in the engine YAML."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tuner.space.knobs import Knob, SearchSpace
+
+
+def _as_list(flag: str | list[str] | None) -> list[str]:
+    if flag is None:
+        return []
+    return [flag] if isinstance(flag, str) else [str(part) for part in flag]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def render_flags(space: SearchSpace, config: dict[str, Any], baseline: bool = False) -> list[str]:
+    """The engine flags for `config`. A baseline renders only knobs moved off the engine's default."""
+    argv: list[str] = []
+    json_groups: dict[str, dict[str, Any]] = {}
+    active = space.active_config(config)
+    for name, value in active.items():
+        knob = space.knobs[name]
+        if baseline and value == knob.engine_default:
+            continue
+        if value in knob.omit:
+            if knob.json_flag:
+                json_groups.setdefault(knob.json_flag, {})["__omitted__"] = True
+            continue
+        if knob.json_flag:
+            json_groups.setdefault(knob.json_flag, {})[knob.json_key or name] = value
+        elif knob.type == "bool" or isinstance(value, bool):
+            if value:
+                argv += _as_list(knob.flag)
+                if knob.value_from and knob.flag:
+                    argv.append(_format(active.get(knob.value_from)))
+            else:
+                argv += _as_list(knob.flag_off)
+        elif knob.flag:
+            argv += [*_as_list(knob.flag), _format(value)]
+    for flag, payload in json_groups.items():
+        if payload.pop("__omitted__", False):
+            continue
+        argv += [flag, json.dumps(payload, separators=(",", ":"), sort_keys=True)]
+    return argv
+
+
+def parse_flags(space: SearchSpace, argv: list[str]) -> dict[str, Any]:
+    """Inverse of render_flags for the knobs present in argv (used to check exported commands)."""
+    config: dict[str, Any] = {}
+    by_flag: dict[tuple[str, ...], tuple[Knob, bool]] = {}
+    json_knobs: dict[str, list[Knob]] = {}
+    for knob in space.knobs.values():
+        if knob.json_flag:
+            json_knobs.setdefault(knob.json_flag, []).append(knob)
+            continue
+        if knob.flag:
+            by_flag[tuple(_as_list(knob.flag))] = (knob, True)
+        if knob.flag_off:
+            by_flag[tuple(_as_list(knob.flag_off))] = (knob, False)
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in json_knobs:
+            payload = json.loads(argv[i + 1])
+            for knob in json_knobs[token]:
+                if (knob.json_key or knob.name) in payload:
+                    config[knob.name] = payload[knob.json_key or knob.name]
+            i += 2
+            continue
+        for key, (knob, truth) in by_flag.items():
+            if tuple(argv[i:i + len(key)]) == key:
+                i += len(key)
+                if knob.type == "bool":
+                    config[knob.name] = truth
+                    if truth and knob.value_from:
+                        i += 1
+                else:
+                    config[knob.name] = knob.coerce(argv[i], "argv")
+                    i += 1
+                break
+        else:
+            i += 1
+    return config

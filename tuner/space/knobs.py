@@ -1,0 +1,222 @@
+"""Search spaces from YAML: abstract knobs (common.yaml) merged with one engine's flags and defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuner.errors import InputError
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+KNOB_TYPES = ("int", "float", "categorical", "bool")
+_KNOB_FIELDS = {"type", "choices", "low", "high", "log", "step", "default", "group", "when", "doc",
+                "flag", "flag_off", "omit", "json_flag", "json_key", "value_from"}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`knob == value` or `knob != value`: when a knob is active at all."""
+
+    knob: str
+    op: str
+    value: Any
+
+    def holds(self, config: dict[str, Any]) -> bool:
+        actual = config.get(self.knob)
+        return (str(actual) == str(self.value)) == (self.op == "==")
+
+    def __str__(self) -> str:
+        return f"{self.knob} {self.op} {self.value}"
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    type: str
+    default: Any
+    choices: tuple[Any, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    group: str = ""
+    when: Condition | None = None
+    flag: str | list[str] | None = None
+    flag_off: str | list[str] | None = None
+    omit: tuple[Any, ...] = ()
+    json_flag: str | None = None
+    json_key: str | None = None
+    value_from: str | None = None
+    doc: str = ""
+    engine_default: Any = None  # the engine's own default, kept when --fix moves `default`
+
+    @property
+    def fixed(self) -> bool:
+        if self.type == "categorical":
+            return len(self.choices) <= 1
+        if self.type in ("int", "float"):
+            return self.low == self.high
+        return False
+
+    def coerce(self, raw: Any, where: str) -> Any:
+        """A user-given value (from --fix or YAML) in this knob's type and range."""
+        try:
+            if self.type == "bool":
+                if isinstance(raw, bool):
+                    return raw
+                text = str(raw).strip().lower()
+                if text in ("1", "true", "on", "yes"):
+                    return True
+                if text in ("0", "false", "off", "no"):
+                    return False
+                raise ValueError
+            if self.type == "int":
+                value = int(str(raw))
+            elif self.type == "float":
+                value = float(str(raw))
+                if not math.isfinite(value):
+                    raise ValueError
+            else:
+                matches = [c for c in self.choices if str(c) == str(raw)]
+                if not matches:
+                    raise InputError(f"{raw!r} is not one of {list(self.choices)}", file=where, field=self.name)
+                return matches[0]
+        except ValueError:
+            raise InputError(f"{raw!r} is not a valid {self.type}", file=where, field=self.name) from None
+        if not (self.low <= value <= self.high):
+            raise InputError(f"{value} is outside [{self.low}, {self.high}]", file=where, field=self.name)
+        return value
+
+
+@dataclass
+class SearchSpace:
+    engine: str
+    knobs: dict[str, Knob]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def defaults(self) -> dict[str, Any]:
+        """The engine's own defaults, for the knobs active under them (trial 0, the baseline)."""
+        return self.active_config({name: knob.default for name, knob in self.knobs.items()})
+
+    def active_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Only the knobs whose condition holds."""
+        return {name: config[name] for name, knob in self.knobs.items()
+                if name in config and (knob.when is None or knob.when.holds(config))}
+
+    def fix(self, name: str, raw: Any, where: str = "--fix") -> None:
+        knob = self._knob(name, where)
+        value = knob.coerce(raw, where)
+        self.knobs[name] = replace(knob, default=value, choices=(value,) if knob.type == "categorical" else (),
+                                   low=value if knob.type in ("int", "float") else knob.low,
+                                   high=value if knob.type in ("int", "float") else knob.high,
+                                   type="categorical" if knob.type == "bool" else knob.type)
+        if knob.type == "bool":
+            self.knobs[name] = replace(self.knobs[name], choices=(value,))
+
+    def exclude(self, group_or_knob: str, where: str = "--exclude") -> None:
+        names = [n for n, k in self.knobs.items() if k.group == group_or_knob] or [group_or_knob]
+        for name in names:
+            knob = self._knob(name, where)
+            self.fix(name, knob.default, where)
+
+    def _knob(self, name: str, where: str) -> Knob:
+        if name not in self.knobs:
+            groups = sorted({k.group for k in self.knobs.values() if k.group})
+            raise InputError(f"unknown knob or group '{name}' for engine {self.engine} "
+                             f"(knobs: {', '.join(self.knobs)}; groups: {', '.join(groups)})", file=where)
+        return self.knobs[name]
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read search space: {exc.strerror}", file=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise InputError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=str(path),
+                         line=None if line is None else line + 1) from None
+    if not isinstance(data, dict) or not isinstance(data.get("knobs"), dict):
+        raise InputError("expected a mapping with a 'knobs' mapping", file=str(path), field="knobs")
+    return data
+
+
+def _parse_condition(text: Any, path: Path, name: str) -> Condition | None:
+    if text is None:
+        return None
+    for op in ("==", "!="):
+        if isinstance(text, str) and op in text:
+            knob, value = (part.strip() for part in text.split(op, 1))
+            return Condition(knob, op, value)
+    raise InputError(f"condition must read 'knob == value' or 'knob != value', got {text!r}",
+                     file=str(path), field=f"knobs.{name}.when")
+
+
+def _build_knob(name: str, spec: dict, path: Path) -> Knob:
+    where = f"knobs.{name}"
+    unknown = set(spec) - _KNOB_FIELDS
+    if unknown:
+        raise InputError(f"unknown key '{sorted(unknown)[0]}'", file=str(path), field=where)
+    kind = spec.get("type")
+    if kind not in KNOB_TYPES:
+        raise InputError(f"type must be one of {', '.join(KNOB_TYPES)}, got {kind!r}", file=str(path),
+                         field=f"{where}.type")
+    choices = tuple(spec.get("choices") or ())
+    if kind == "bool":
+        choices = (False, True)
+    if kind == "categorical" and not choices:
+        raise InputError("a categorical knob needs 'choices'", file=str(path), field=f"{where}.choices")
+    low, high = spec.get("low"), spec.get("high")
+    if kind in ("int", "float"):
+        if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or low > high:
+            raise InputError("needs numeric 'low' <= 'high'", file=str(path), field=f"{where}.low")
+        if spec.get("log") and low <= 0:
+            raise InputError("a log-scaled knob needs low > 0", file=str(path), field=f"{where}.log")
+    if "default" not in spec:
+        raise InputError("missing 'default'", file=str(path), field=f"{where}.default")
+    knob = Knob(name=name, type=kind, default=spec["default"], choices=choices, low=low, high=high,
+                log=bool(spec.get("log", False)), step=spec.get("step"), group=spec.get("group", ""),
+                when=_parse_condition(spec.get("when"), path, name), flag=spec.get("flag"),
+                flag_off=spec.get("flag_off"), omit=tuple(spec.get("omit") or ()),
+                json_flag=spec.get("json_flag"), json_key=spec.get("json_key"),
+                value_from=spec.get("value_from"), doc=spec.get("doc", ""), engine_default=spec["default"])
+    knob.coerce(knob.default, str(path))  # the default must lie in the space
+    return knob
+
+
+def load_space(engine_or_path: str) -> SearchSpace:
+    """`vllm`, `sglang`, `sim` (shipped YAML) or a path to a user's YAML with `engine:` and `extends:`."""
+    path = Path(engine_or_path)
+    if not path.suffix:
+        path = SPACES_DIR / f"{engine_or_path}.yaml"
+        if not path.exists():
+            raise InputError(f"no search space for engine '{engine_or_path}'", field="engine")
+    data = _read_yaml(path)
+    engine = data.get("engine")
+    if not isinstance(engine, str):
+        raise InputError("missing 'engine' (vllm, sglang, sim)", file=str(path), field="engine")
+    merged: dict[str, dict] = {}
+    if data.get("extends"):
+        base_path = (path.parent / data["extends"]).resolve()
+        if not base_path.exists():
+            base_path = SPACES_DIR / data["extends"]
+        base = _read_yaml(base_path)
+        merged = {name: dict(spec or {}) for name, spec in base["knobs"].items()}
+    for name, spec in data["knobs"].items():
+        if spec is not None and not isinstance(spec, dict):
+            raise InputError("each knob must be a mapping", file=str(path), field=f"knobs.{name}")
+        merged.setdefault(name, {}).update(spec or {})
+    # an engine file lists what it supports: knobs of the base it does not mention are dropped
+    knobs = {name: _build_knob(name, merged[name], path) for name in data["knobs"]}
+    for knob in knobs.values():
+        if knob.when and knob.when.knob not in knobs:
+            raise InputError(f"condition names unknown knob '{knob.when.knob}'", file=str(path),
+                             field=f"knobs.{knob.name}.when")
+    return SearchSpace(engine=engine, knobs=knobs, source=str(path))
