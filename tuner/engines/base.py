@@ -1,0 +1,136 @@
+"""The one interface every engine adapter implements: argv, environment, readiness, failure classes."""
+
+from __future__ import annotations
+
+import re
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuner.space.flags import render_flags
+from tuner.space.knobs import SearchSpace
+
+
+class FailureClass:
+    """Why a trial failed; later stages learn the infeasible region from these."""
+
+    OOM_STARTUP = "oom_startup"
+    OOM_LOAD = "oom_under_load"
+    INVALID_CONFIG = "invalid_config"
+    UNSUPPORTED = "unsupported"
+    CRASH = "crash"
+    HANG = "hang"
+    STARTUP_TIMEOUT = "startup_timeout"
+    REQUEST_ERRORS = "request_errors"
+    CONSTRAINT = "constraint"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a trial asks an engine to serve."""
+
+    config: dict[str, Any]
+    model: str  # a path or hub id; for the simulator, a model-shape name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    baseline: bool = False
+    gpu: str = "h100"  # the simulator's GPU model; real engines use the GPU they are given
+    time_scale: float = 1.0  # the simulator's clock speed-up
+    python: str = sys.executable  # interpreter that has the engine installed
+    extra_args: tuple[str, ...] = ()
+    extra_env: tuple[tuple[str, str], ...] = ()
+    served_model_name: str = "servetune-model"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How the runner starts the server and knows it is ready."""
+
+    argv: list[str]
+    env: dict[str, str]
+    url: str
+    served_model_name: str
+    api_key: str | None = None
+    health_path: str = "/health"
+    clock_scale: float = 1.0
+    metrics_prefix: str = ""
+    vocab_size: int = 32000
+
+
+@dataclass(frozen=True)
+class FailurePattern:
+    failure: str
+    pattern: re.Pattern
+
+
+@dataclass
+class Engine(ABC):
+    """An engine adapter. Subclasses know one engine and nothing about any other."""
+
+    name: str = ""
+    metrics_prefix: str = ""
+    failure_patterns: list[FailurePattern] = field(default_factory=list)
+
+    @abstractmethod
+    def program(self, launch: Launch) -> list[str]:
+        """How the runner starts the engine (with the interpreter that has it installed)."""
+
+    @abstractmethod
+    def display_program(self) -> list[str]:
+        """How a person starts the engine, for exported commands."""
+
+    @abstractmethod
+    def model_args(self, launch: Launch) -> list[str]:
+        """The flags that name the model."""
+
+    def connection_args(self, launch: Launch) -> list[str]:
+        return ["--host", launch.host, "--port", str(launch.port), "--served-model-name", launch.served_model_name]
+
+    def environment(self, launch: Launch) -> dict[str, str]:
+        return dict(launch.extra_env)
+
+    def version(self, python: str = sys.executable) -> str:
+        return "unknown"
+
+    def server_spec(self, launch: Launch, space: SearchSpace, vocab_size: int = 32000) -> ServerSpec:
+        argv = [*self.program(launch), *self.model_args(launch), *self.connection_args(launch),
+                *render_flags(space, launch.config, baseline=launch.baseline), *launch.extra_args]
+        return ServerSpec(argv=argv, env=self.environment(launch), url=f"http://{launch.host}:{launch.port}",
+                          served_model_name=launch.served_model_name, api_key=launch.api_key,
+                          clock_scale=launch.time_scale if self.name == "sim" else 1.0,
+                          metrics_prefix=self.metrics_prefix, vocab_size=vocab_size)
+
+    def serve_command(self, launch: Launch, space: SearchSpace) -> list[str]:
+        """The command a person pastes: no tuner-internal port or key, the engine's own defaults."""
+        return [*self.display_program(), *self.model_args(launch),
+                *render_flags(space, launch.config, baseline=launch.baseline), *launch.extra_args]
+
+    def classify_failure(self, exit_code: int | None, log_tail: str) -> str:
+        for item in self.failure_patterns:
+            if item.pattern.search(log_tail):
+                return item.failure
+        return FailureClass.CRASH
+
+    def engine_metrics(self, prometheus_text: str) -> dict[str, float]:
+        """The engine's own counters and gauges worth logging, prefix stripped."""
+        values: dict[str, float] = {}
+        prefix = self.metrics_prefix
+        for line in prometheus_text.splitlines():
+            if not line.startswith(prefix) or line.startswith("#"):
+                continue
+            name_part, _, value = line.rpartition(" ")
+            name = name_part.split("{", 1)[0][len(prefix):]
+            if name.endswith(("_bucket", "_created")):
+                continue
+            try:
+                values[name] = values.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+        return values
+
+
+def patterns(*pairs: tuple[str, str]) -> list[FailurePattern]:
+    return [FailurePattern(failure, re.compile(regex, re.IGNORECASE | re.MULTILINE)) for failure, regex in pairs]

@@ -1,0 +1,42 @@
+"""SGLang: `python -m sglang.launch_server`, launched as a process."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+
+from tuner.engines.base import Engine, FailureClass, Launch, patterns
+
+
+@dataclass
+class SglangEngine(Engine):
+    name: str = "sglang"
+    metrics_prefix: str = "sglang:"
+    failure_patterns: list = field(default_factory=lambda: patterns(
+        (FailureClass.OOM_STARTUP, r"Not enough memory\. Please try to increase --mem-fraction-static|"
+                                   r"Capture cuda graph failed"),
+        (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
+        (FailureClass.UNSUPPORTED, r"not supported|unsupported"),
+        (FailureClass.INVALID_CONFIG, r"error: (argument|unrecognized|ambiguous option)|invalid choice"),
+    ))
+
+    def program(self, launch: Launch) -> list[str]:
+        return [launch.python, "-m", "sglang.launch_server"]
+
+    def display_program(self) -> list[str]:
+        return ["python", "-m", "sglang.launch_server"]
+
+    def model_args(self, launch: Launch) -> list[str]:
+        return ["--model-path", launch.model, "--enable-metrics"]
+
+    def connection_args(self, launch: Launch) -> list[str]:
+        args = super().connection_args(launch)
+        return args + (["--api-key", launch.api_key] if launch.api_key else [])
+
+    def version(self, python: str = "") -> str:
+        try:
+            out = subprocess.run([python or "python3", "-c", "import sglang; print(sglang.__version__)"],
+                                 capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        return out.stdout.strip() or "unknown"

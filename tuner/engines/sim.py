@@ -1,0 +1,38 @@
+"""The simulated engine: `tune sim-serve`, a performance model of a GPU behind a real HTTP server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuner.engines.base import Engine, FailureClass, Launch, patterns
+from tuner.models.shapes import get_shape
+
+
+@dataclass
+class SimEngine(Engine):
+    name: str = "sim"
+    metrics_prefix: str = "sim:"
+    failure_patterns: list = field(default_factory=lambda: patterns(
+        (FailureClass.OOM_LOAD, r"out of memory under load"),
+        (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|out of memory"),
+        (FailureClass.INVALID_CONFIG, r"must be greater than or equal to|must be divisible by|error: argument"),
+        (FailureClass.UNSUPPORTED, r"not supported|unsupported"),
+    ))
+
+    def program(self, launch: Launch) -> list[str]:
+        return [launch.python, "-m", "tuner", "sim-serve"]
+
+    def display_program(self) -> list[str]:
+        return ["tune", "sim-serve"]
+
+    def model_args(self, launch: Launch) -> list[str]:
+        get_shape(launch.model)  # fails early, with the known names, on a wrong shape
+        return ["--model-shape", launch.model, "--gpu", launch.gpu, "--time-scale", f"{launch.time_scale:g}"]
+
+    def connection_args(self, launch: Launch) -> list[str]:
+        args = super().connection_args(launch)
+        return args + (["--api-key", launch.api_key] if launch.api_key else [])
+
+    def version(self, python: str = "") -> str:
+        from tuner import __version__
+        return f"servetune-sim {__version__}"

@@ -1,0 +1,46 @@
+"""vLLM: `vllm serve`, launched as a process with the interpreter that has vLLM installed."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+
+from tuner.engines.base import Engine, FailureClass, Launch, patterns
+
+
+@dataclass
+class VllmEngine(Engine):
+    name: str = "vllm"
+    metrics_prefix: str = "vllm:"
+    failure_patterns: list = field(default_factory=lambda: patterns(
+        (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|is less than desired GPU memory "
+                                   r"utilization|larger than the available KV cache memory|CUDA out of memory "
+                                   r"occurred when warming up"),
+        (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
+        (FailureClass.UNSUPPORTED, r"Unknown attention backend|not supported|is not supported|unsupported"),
+        (FailureClass.INVALID_CONFIG, r"must be greater than or equal to max_num_seqs|must be divisible by|"
+                                      r"is smaller than max_model_len|ValidationError|error: (argument|unrecognized)"),
+    ))
+
+    def program(self, launch: Launch) -> list[str]:
+        return [launch.python, "-m", "vllm.entrypoints.cli.main", "serve"]
+
+    def display_program(self) -> list[str]:
+        return ["vllm", "serve"]
+
+    def model_args(self, launch: Launch) -> list[str]:
+        return [launch.model]
+
+    def environment(self, launch: Launch) -> dict[str, str]:
+        env = super().environment(launch)
+        if launch.api_key:
+            env["VLLM_API_KEY"] = launch.api_key  # not on argv, where `ps` would show it
+        return env
+
+    def version(self, python: str = "") -> str:
+        try:
+            out = subprocess.run([python or "python3", "-c", "import vllm; print(vllm.__version__)"],
+                                 capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        return out.stdout.strip() or "unknown"

@@ -1,0 +1,143 @@
+"""One trial, start to finish: launch the server, replay the workload, scrape metrics, tear down."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.engines import get_engine
+from tuner.engines.base import FailureClass, Launch
+from tuner.loadgen.replay import BenchConfig, run_bench_sync
+from tuner.loadgen.metrics import write_results
+from tuner.loadgen.slo import SLO
+from tuner.runner.server import ManagedServer, ServerFailed, free_port
+from tuner.space.knobs import SearchSpace
+from tuner.workload.request import TraceRequest
+
+MAX_FAILED_FRACTION = 0.5  # more failed requests than this fails the trial
+
+
+@dataclass
+class TrialSpec:
+    number: int
+    engine: str
+    space: SearchSpace
+    launch: Launch
+    requests: list[TraceRequest]
+    out_dir: Path
+    endpoint: str = "completions"
+    concurrency: int | None = None
+    max_concurrency: int | None = None
+    warmup_requests: int = 2
+    vocab_size: int = 32000
+    slo: SLO | None = None
+    startup_timeout_s: float = 600.0
+    hang_timeout_s: float = 120.0  # no request finished for this long (server time) while the server lives
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    ok: bool
+    command: list[str]
+    failure: str | None = None
+    message: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+    engine_metrics: dict[str, float] = field(default_factory=dict)
+    log_tail: str = ""
+    log_path: str = ""
+    rows_csv: str = ""
+    summary_json: str = ""
+    ready_s: float = 0.0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    port_released: bool = True
+    cuda_visible_devices: str = ""
+
+
+def _scrape(url: str, api_key: str | None) -> str:
+    request = urllib.request.Request(url + "/metrics")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+class _HangWatch:
+    """Stops the replay when no request finished for a while (a hung or stopped server)."""
+
+    def __init__(self, limit_wall_s: float) -> None:
+        self.limit_wall_s = limit_wall_s
+        self.last_completed = -1
+        self.last_change = time.monotonic()
+        self.hung = False
+
+    def __call__(self, snapshot) -> bool:
+        done = snapshot.completed + snapshot.failed
+        now = time.monotonic()
+        if done != self.last_completed:
+            self.last_completed, self.last_change = done, now
+        elif snapshot.in_flight and now - self.last_change > self.limit_wall_s:
+            self.hung = True
+        return self.hung
+
+
+def execute_trial(spec: TrialSpec) -> TrialOutcome:
+    import os
+
+    engine = get_engine(spec.engine)
+    port = free_port(spec.launch.host)
+    launch = Launch(**{**spec.launch.__dict__, "port": port, "api_key": secrets.token_urlsafe(24)})
+    server_spec = engine.server_spec(launch, spec.space, vocab_size=spec.vocab_size)
+    outcome = TrialOutcome(number=spec.number, ok=False, command=engine.serve_command(launch, spec.space),
+                           started_at=time.time(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    trial_dir = spec.out_dir / f"trial-{spec.number:04d}"
+    server = ManagedServer(server_spec, trial_dir / "server.log")
+    outcome.log_path = str(server.log_path)
+    hang = _HangWatch(spec.hang_timeout_s / server_spec.clock_scale)
+    try:
+        server.start()
+        outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
+        config = BenchConfig(url=server_spec.url, model=server_spec.served_model_name, endpoint=spec.endpoint,
+                             api_key=server_spec.api_key, concurrency=spec.concurrency,
+                             max_concurrency=spec.max_concurrency, clock_scale=server_spec.clock_scale,
+                             vocab_size=spec.vocab_size, timeout_s=spec.request_timeout_s,
+                             warmup_requests=spec.warmup_requests, slo=spec.slo)
+        result = run_bench_sync(config, spec.requests, on_progress=hang)
+        outcome.engine_metrics = engine.engine_metrics(_scrape(server_spec.url, server_spec.api_key))
+        outcome.rows_csv, outcome.summary_json = (str(p) for p in write_results(result, trial_dir))
+        outcome.summary = result.summary.to_dict()
+        failed = outcome.summary.get("failed", 0)
+        total = failed + outcome.summary.get("completed", 0)
+        if not server.alive():
+            raise ServerFailed(FailureClass.CRASH, f"server exited with code {server.process.returncode} "
+                                                   "during the replay")
+        if hang.hung:
+            raise ServerFailed(FailureClass.HANG, f"no request finished for {spec.hang_timeout_s:.0f} s "
+                                                  "while the server was alive")
+        if total == 0 or failed / total > MAX_FAILED_FRACTION:
+            raise ServerFailed(FailureClass.REQUEST_ERRORS, f"{failed} of {total} requests failed")
+        outcome.ok = True
+    except ServerFailed as exc:
+        outcome.failure, outcome.message = exc.failure, exc.message
+    finally:
+        exit_code = server.stop()
+        outcome.port_released = server.wait_port_released(launch.host, port)
+        outcome.log_tail = server.log_tail()
+        outcome.ended_at = time.time()
+    if not outcome.ok and outcome.failure in (FailureClass.CRASH, FailureClass.REQUEST_ERRORS):
+        during_load = outcome.ready_s > 0
+        classified = engine.classify_failure(exit_code, outcome.log_tail)
+        if classified != FailureClass.CRASH:
+            outcome.failure = classified
+        if during_load and outcome.failure == FailureClass.OOM_STARTUP:
+            outcome.failure = FailureClass.OOM_LOAD
+    return outcome

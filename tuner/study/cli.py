@@ -1,0 +1,148 @@
+"""`tune --workload FILE --gpus N --model M`: the main job."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from tuner.errors import InputError
+from tuner.models.shapes import PRESETS, get_shape
+from tuner.study.objectives import Objectives
+
+DEFAULT_OUT = Path("servetune-runs")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    w = parser.add_argument_group("workload")
+    w.add_argument("--workload", required=True, help="trace file (Mooncake JSONL, Azure CSV, native JSONL)")
+    w.add_argument("--format", default=None, help="trace format (default: detected)")
+    w.add_argument("--rows", type=int, default=None, help="replay only the first N requests")
+    w.add_argument("--seconds", type=float, default=None, help="replay only the first T seconds of the trace")
+    w.add_argument("--time-scale", type=float, default=1.0, help="replay the trace k× faster (more load)")
+    w.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    w.add_argument("--concurrency", type=int, default=None, help="closed loop at this concurrency")
+    w.add_argument("--max-concurrency", type=int, default=None, help="cap requests in flight (open loop)")
+    m = parser.add_argument_group("model and hardware")
+    m.add_argument("--model", default=None, help="model path or hub id; for --engine sim, a model shape")
+    m.add_argument("--model-shape", default=None, choices=sorted(PRESETS),
+                   help="tune a model shape with dummy weights (no download)")
+    m.add_argument("--engine", default="auto", help="vllm, sglang, sim, vllm,sglang, or auto (sim without GPU)")
+    m.add_argument("--gpus", type=int, default=1, help="GPUs to use; logical GPUs for the simulator")
+    m.add_argument("--gpu", default=None, help="GPU model for the simulator and constraints (h100, h200, a100...)")
+    m.add_argument("--engine-python", default=sys.executable, help="python that has the engine installed")
+    m.add_argument("--engine-arg", action="append", default=[], help="extra flag(s) for every server (repeat)")
+    m.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for every server (repeat)")
+    m.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to be ready")
+    m.add_argument("--sim-time-scale", type=float, default=10.0, help="simulator clock speed-up")
+    s = parser.add_argument_group("search")
+    s.add_argument("--trials", type=int, default=None, help="trials in all, the defaults baseline included")
+    s.add_argument("--budget", default=None, help="wall-clock budget, e.g. 90m or 2h")
+    s.add_argument("--slo", default=None, help="e.g. ttft_p99=800ms,tpot_p99=60ms")
+    s.add_argument("--latency", default="ttft_p99,tpot_p99", help="latency objectives to minimise")
+    s.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--space", default=None, help="your own search-space YAML")
+    s.add_argument("--fix", action="append", default=[], help="KNOB=VALUE held fixed (repeat)")
+    s.add_argument("--exclude", action="append", default=[], help="knob or group held at default (repeat)")
+    r = parser.add_argument_group("results")
+    r.add_argument("--study-name", default=None, help="same name resumes (default: from engine, model, trace)")
+    r.add_argument("--out", default=str(DEFAULT_OUT), help="directory for logs, plots and the default stores")
+    r.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite file under --out)")
+    r.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: SQLite file under --out)")
+    r.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    r.add_argument("--quiet", action="store_true")
+
+
+def parse_duration(text: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*", text)
+    if not match:
+        raise InputError(f"expected a duration like 90m or 2h, got '{text}'", field="budget")
+    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 60}[match.group(2)]
+
+
+def _has_gpu() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:
+        return False
+
+
+def resolve_engines(text: str) -> list[str]:
+    if text == "auto":
+        return ["vllm"] if _has_gpu() and shutil.which("vllm") else ["sim"]
+    engines = [e.strip() for e in text.split(",") if e.strip()]
+    for engine in engines:
+        if engine not in ("vllm", "sglang", "sim"):
+            raise InputError(f"unknown engine '{engine}' (vllm, sglang, sim, auto)", field="engine")
+    if "sim" in engines and len(engines) > 1:
+        raise InputError("the simulator is tuned on its own, not beside real engines", field="engine")
+    return engines
+
+
+def run(args: argparse.Namespace) -> int:
+    from tuner.loadgen.slo import parse_slo
+    from tuner.study.tune import Tuner, TuneOptions
+    from tuner.workload.transform import load_workload, trace_digest
+
+    engines = resolve_engines(args.engine)
+    if args.gpus < 1:
+        raise InputError("must be at least 1", field="gpus")
+    objectives = Objectives.parse(args.latency)
+    slo = parse_slo(args.slo) if args.slo else None
+    budget = parse_duration(args.budget) if args.budget else None
+    trials = args.trials if args.trials is not None else (None if budget else 12)
+    if trials is not None and trials < 1:
+        raise InputError("must be at least 1", field="trials")
+    workload = Path(args.workload)
+    requests = load_workload(workload, args.format, args.rows, args.seconds, args.time_scale)
+    if not requests:
+        raise InputError("no requests left after slicing", file=str(workload))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    engine_args, model = list(args.engine_arg), args.model
+    if engines == ["sim"]:
+        shape = get_shape(args.model_shape or args.model or "llama-3.1-8b")
+        model = shape.name
+    elif args.model_shape:
+        from tuner.models.stub import stub_model_dir
+
+        shape = get_shape(args.model_shape)
+        model = model or str(stub_model_dir(shape.name))
+        engine_args += ["--load-format", "dummy"]
+    else:
+        if not model:
+            raise InputError("give --model (path or hub id) or --model-shape", field="model")
+        shape = None
+    env = []
+    for item in args.engine_env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"expected KEY=VALUE, got '{item}'", field="engine-env")
+        env.append((key, value))
+    model_label = Path(model).name if model else "model"
+    study_name = args.study_name or f"{'-'.join(engines)}-{model_label}-{workload.stem}-{args.gpus}gpu"
+    options = TuneOptions(
+        workload=workload, requests=requests, workload_digest=trace_digest(workload), engines=engines,
+        model=model, shape=shape, gpus=args.gpus, gpu=args.gpu or ("h100" if engines == ["sim"] else None),
+        trials=trials, budget_s=budget, objectives=objectives, slo=slo, sampler=args.sampler, seed=args.seed,
+        study_name=study_name, storage=args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}",
+        out_dir=out, mlflow_uri=None if args.no_mlflow else (args.mlflow_uri or
+                                                              f"sqlite:///{(out / 'mlflow.db').resolve()}"),
+        ray_address=args.ray_address, space_path=args.space, fix=args.fix, exclude=args.exclude,
+        endpoint=args.endpoint, concurrency=args.concurrency, max_concurrency=args.max_concurrency,
+        sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout,
+        engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
+        vocab_size=shape.vocab_size if shape else 32000, quiet=args.quiet)
+    tuner = Tuner(options)
+    study = tuner.run()
+    tuner.report(study)
+    print(f"\nexport again with: tune export --study {study_name} --storage {options.storage}")
+    return 0

@@ -1,0 +1,51 @@
+"""Turn an Optuna trial into an engine configuration, knob by knob, honouring conditions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+
+from tuner.space.knobs import Knob, SearchSpace
+
+
+def _suggest(trial: optuna.Trial, name: str, knob: Knob) -> Any:
+    if knob.type in ("categorical", "bool"):
+        return trial.suggest_categorical(name, list(knob.choices))
+    if knob.type == "int":
+        if knob.log:
+            return trial.suggest_int(name, int(knob.low), int(knob.high), log=True)
+        return trial.suggest_int(name, int(knob.low), int(knob.high), step=int(knob.step or 1))
+    if knob.log:
+        return trial.suggest_float(name, knob.low, knob.high, log=True)
+    return trial.suggest_float(name, knob.low, knob.high, step=knob.step)
+
+
+def param_name(engine: str, knob: str, several_engines: bool) -> str:
+    return f"{engine}.{knob}" if several_engines else knob
+
+
+def suggest_config(trial: optuna.Trial, spaces: dict[str, SearchSpace]) -> tuple[str, dict[str, Any]]:
+    several = len(spaces) > 1
+    engine = trial.suggest_categorical("engine", list(spaces)) if several else next(iter(spaces))
+    space = spaces[engine]
+    config: dict[str, Any] = {}
+    for name, knob in space.knobs.items():
+        if knob.when is not None and not knob.when.holds(config):
+            continue
+        if knob.fixed:
+            config[name] = knob.default
+        else:
+            config[name] = _suggest(trial, param_name(engine, name, several), knob)
+    return engine, config
+
+
+def baseline_params(spaces: dict[str, SearchSpace], engine: str) -> dict[str, Any]:
+    """Optuna params that reproduce the engine's defaults (for enqueue_trial)."""
+    several = len(spaces) > 1
+    space = spaces[engine]
+    params: dict[str, Any] = {"engine": engine} if several else {}
+    for name, value in space.defaults().items():
+        if not space.knobs[name].fixed:
+            params[param_name(engine, name, several)] = value
+    return params

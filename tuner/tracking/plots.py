@@ -1,0 +1,66 @@
+"""Pictures of a study: latency vs throughput with the Pareto front, as PNG and interactive HTML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuner.study.objectives import THROUGHPUT, Objectives
+from tuner.study.pareto import Point
+
+
+def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(objectives.latency)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    front_numbers = {p.number for p in front}
+    for ax, metric in zip(axes[0], metrics):
+        others = [p for p in points if p.number not in front_numbers]
+        ax.scatter([p.value(metric) for p in others], [p.value(THROUGHPUT) for p in others],
+                   c=["tab:gray" if p.feasible else "tab:red" for p in others], alpha=0.6, label="trials")
+        ordered = sorted(front, key=lambda p: p.value(metric))
+        ax.plot([p.value(metric) for p in ordered], [p.value(THROUGHPUT) for p in ordered], "o-",
+                color="tab:blue", label="Pareto front")
+        for p in points:
+            if p.baseline:
+                ax.scatter([p.value(metric)], [p.value(THROUGHPUT)], marker="*", s=250, color="tab:orange",
+                           label="defaults (baseline)", zorder=5)
+        ax.set_xlabel(f"{metric} (ms)")
+        ax.set_ylabel("output tokens/s")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pareto_html(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
+    import plotly.graph_objects as go
+
+    metric = objectives.latency[0]
+    front_numbers = {p.number for p in front}
+
+    def hover(p: Point) -> str:
+        knobs = "<br>".join(f"{k}={v}" for k, v in p.config.items())
+        return f"trial {p.number} ({p.engine})<br>{knobs}"
+
+    fig = go.Figure()
+    for label, subset, color in (
+        ("trials", [p for p in points if p.number not in front_numbers], "gray"),
+        ("Pareto front", sorted(front, key=lambda p: p.value(metric)), "royalblue"),
+        ("defaults (baseline)", [p for p in points if p.baseline], "orange"),
+    ):
+        fig.add_trace(go.Scatter(x=[p.value(metric) for p in subset], y=[p.value(THROUGHPUT) for p in subset],
+                                 mode="markers+lines" if label == "Pareto front" else "markers", name=label,
+                                 marker=dict(color=color, size=14 if label.startswith("defaults") else 9),
+                                 text=[hover(p) for p in subset], hoverinfo="text+x+y"))
+    fig.update_layout(title=title, xaxis_title=f"{metric} (ms)", yaxis_title="output tokens/s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs="cdn")
+    return path
