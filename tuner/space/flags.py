@@ -51,9 +51,21 @@ def render_flags(space: SearchSpace, config: dict[str, Any], baseline: bool = Fa
     return argv
 
 
+def _silent_value(knob: Knob) -> Any:
+    """The value for which render_flags emits nothing, if there is one."""
+    if knob.omit:
+        return knob.omit[0]
+    if knob.type == "bool" and knob.flag_off is None:
+        return False
+    if knob.type == "bool" and knob.flag is None:
+        return True
+    return None
+
+
 def parse_flags(space: SearchSpace, argv: list[str]) -> dict[str, Any]:
-    """Inverse of render_flags for the knobs present in argv (used to check exported commands)."""
-    config: dict[str, Any] = {}
+    """Inverse of render_flags (non-baseline): the active configuration a command line encodes."""
+    config: dict[str, Any] = {name: _silent_value(knob) for name, knob in space.knobs.items()
+                              if _silent_value(knob) is not None}
     by_flag: dict[tuple[str, ...], tuple[Knob, bool]] = {}
     json_knobs: dict[str, list[Knob]] = {}
     for knob in space.knobs.values():
@@ -87,4 +99,4 @@ def parse_flags(space: SearchSpace, argv: list[str]) -> dict[str, Any]:
                 break
         else:
             i += 1
-    return config
+    return space.active_config(config)

@@ -22,7 +22,7 @@ def summary_key(metric: str) -> str:
         raise InputError(f"unknown latency metric '{metric}' (use e.g. ttft_p99, tpot_p90, e2e_mean)",
                          field="latency")
     name, stat = match.groups()
-    return f"{stat}_{name}_ms"
+    return f"{'median' if stat == 'p50' else stat}_{name}_ms"
 
 
 @dataclass(frozen=True)
@@ -54,4 +54,13 @@ def slo_constraints(slo: SLO | None, summary: dict[str, Any]) -> list[float]:
     """Optuna constraint values: <= 0 where the aggregate percentile meets its SLO limit."""
     if slo is None:
         return []
-    return [float(summary[summary_key(metric)]) - limit_ms for metric, limit_ms in slo.limits_ms().items()]
+    values = []
+    for target in slo.targets:
+        measured = (summary.get("slo_value_ms") or {}).get(target.name)
+        if measured is None:
+            key = summary_key(target.name)
+            if key not in summary:
+                raise InputError(f"the study recorded no {target.name}; use p50, p90 or p99", field="slo")
+            measured = summary[key]
+        values.append(float("inf") if measured is None else float(measured) - target.limit_ms)
+    return values

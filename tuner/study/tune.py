@@ -147,7 +147,7 @@ class Tuner:
         attrs = {"objectives": self.options.objectives.names, "engines": self.options.engines,
                  "model": self.options.model, "workload": str(self.options.workload),
                  "workload_digest": self.options.workload_digest, "gpus": self.options.gpus,
-                 "slo": self.options.slo.to_text() if self.options.slo else "",
+                 "slo": str(self.options.slo) if self.options.slo else "",
                  "spaces": {e: s.source for e, s in self.spaces.items()}}
         for key, value in attrs.items():
             study.set_user_attr(key, value)
@@ -242,7 +242,7 @@ class Tuner:
             self.tracker = StudyTracker(o.mlflow_uri, "servetune", o.study_name)
             self.tracker.log_study({"workload": o.workload, "model": o.model, "engines": ",".join(o.engines),
                                     "gpus": o.gpus, "objectives": ",".join(o.objectives.names),
-                                    "slo": o.slo.to_text() if o.slo else "", "sampler": o.sampler,
+                                    "slo": str(o.slo) if o.slo else "", "sampler": o.sampler,
                                     "optuna_storage": o.storage},
                                    {"trace_sha256": o.workload_digest,
                                     "simulated": str(o.engines == ["sim"]).lower()})
