@@ -95,6 +95,10 @@ class Engine(ABC):
     def version(self, python: str = sys.executable) -> str:
         return "unknown"
 
+    def help_argv(self, python: str) -> list[str] | None:
+        """The command that lists every flag of the installed version (None: nothing to probe)."""
+        return None
+
     def server_spec(self, launch: Launch, space: SearchSpace, vocab_size: int = 32000) -> ServerSpec:
         argv = [*self.program(launch), *self.model_args(launch), *self.connection_args(launch),
                 *render_flags(space, launch.config, baseline=launch.baseline), *launch.extra_args]

@@ -16,7 +16,7 @@ class SglangEngine(Engine):
         (FailureClass.OOM_STARTUP, r"Not enough memory\. Please try to increase --mem-fraction-static|"
                                    r"Capture cuda graph failed"),
         (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
-        (FailureClass.UNSUPPORTED, r"not supported|unsupported"),
+        (FailureClass.UNSUPPORTED, r"^\S*(Error|Exception)\b.*\b(not supported|unsupported)\b"),
         (FailureClass.INVALID_CONFIG, r"error: (argument|unrecognized|ambiguous option)|invalid choice"),
     ))
 
@@ -28,6 +28,9 @@ class SglangEngine(Engine):
 
     def model_args(self, launch: Launch) -> list[str]:
         return ["--model-path", launch.model, "--enable-metrics"]
+
+    def help_argv(self, python: str) -> list[str]:
+        return [python, "-m", "sglang.launch_server", "--help"]
 
     def connection_args(self, launch: Launch) -> list[str]:
         args = super().connection_args(launch)

@@ -16,7 +16,7 @@ class SimEngine(Engine):
         (FailureClass.OOM_LOAD, r"out of memory under load"),
         (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|out of memory"),
         (FailureClass.INVALID_CONFIG, r"must be greater than or equal to|must be divisible by|error: argument"),
-        (FailureClass.UNSUPPORTED, r"not supported|unsupported"),
+        (FailureClass.UNSUPPORTED, r"^\S*(Error|Exception)\b.*\b(not supported|unsupported)\b"),
     ))
 
     def program(self, launch: Launch) -> list[str]:

@@ -14,12 +14,15 @@ class VllmEngine(Engine):
     metrics_prefix: str = "vllm:"
     failure_patterns: list = field(default_factory=lambda: patterns(
         (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|is less than desired GPU memory "
-                                   r"utilization|larger than the available KV cache memory|CUDA out of memory "
-                                   r"occurred when warming up"),
+                                   r"utilization|larger than the available KV cache memory|is less than requested "
+                                   r"memory for kv|CUDA out of memory occurred when warming up|"
+                                   r"DefaultCPUAllocator: can't allocate memory"),
         (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
-        (FailureClass.UNSUPPORTED, r"Unknown attention backend|not supported|is not supported|unsupported"),
+        (FailureClass.UNSUPPORTED, r"Unknown attention backend|^\S*(Error|Exception)\b.*\b(not supported|"
+                                   r"unsupported)\b"),
         (FailureClass.INVALID_CONFIG, r"must be greater than or equal to max_num_seqs|must be divisible by|"
-                                      r"is smaller than max_model_len|ValidationError|error: (argument|unrecognized)"),
+                                      r"is smaller than max_model_len|validation error for|"
+                                      r"error: (argument|unrecognized arguments)"),
     ))
 
     def program(self, launch: Launch) -> list[str]:
@@ -30,6 +33,9 @@ class VllmEngine(Engine):
 
     def model_args(self, launch: Launch) -> list[str]:
         return [launch.model]
+
+    def help_argv(self, python: str) -> list[str]:
+        return [python, "-m", "vllm.entrypoints.cli.main", "serve", "--help=all"]
 
     def environment(self, launch: Launch) -> dict[str, str]:
         env = super().environment(launch)

@@ -121,12 +121,15 @@ class ManagedServer:
             time.sleep(0.2)
         return False
 
-    def log_tail(self, lines: int = 60) -> str:
+    def log_text(self, max_bytes: int = 1024 * 1024) -> str:
+        """The end of the server log; engines print a failure's root cause far above the last line."""
         try:
             with open(self.log_path, "rb") as log:
                 log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - 64 * 1024))
-                text = log.read().decode("utf-8", errors="replace")
+                log.seek(max(0, log.tell() - max_bytes))
+                return log.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text(64 * 1024).splitlines()[-lines:])

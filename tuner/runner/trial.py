@@ -135,7 +135,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
         outcome.ended_at = time.time()
     if not outcome.ok and outcome.failure in (FailureClass.CRASH, FailureClass.REQUEST_ERRORS):
         during_load = outcome.ready_s > 0
-        classified = engine.classify_failure(exit_code, outcome.log_tail)
+        classified = engine.classify_failure(exit_code, server.log_text())
         if classified != FailureClass.CRASH:
             outcome.failure = classified
         if during_load and outcome.failure == FailureClass.OOM_STARTUP:

@@ -123,6 +123,9 @@ class Tuner:
     def __init__(self, options: TuneOptions) -> None:
         self.options = options
         self.spaces = build_spaces(options)
+        self.engine_versions: dict[str, str] = {}
+        for engine, space in self.spaces.items():
+            self._fit_space_to_installed(engine, space)
         gpu_spec = get_gpu(options.gpu) if options.gpu else None
         self.context = Context(gpus=options.gpus, gpu=gpu_spec, model=options.shape,
                                max_model_len=options.max_model_len)
@@ -131,7 +134,21 @@ class Tuner:
         self.started = time.monotonic()
         self.trial_wall: list[float] = []
         self.measured = 0
-        self.engine_versions: dict[str, str] = {}
+
+    def _fit_space_to_installed(self, engine: str, space: SearchSpace) -> None:
+        from tuner.engines.probe import drop_unsupported, flags_in, probe_help
+
+        adapter = get_engine(engine)
+        help_argv = adapter.help_argv(self.options.engine_python)
+        if help_argv is None:
+            return
+        version = adapter.version(self.options.engine_python)
+        if version == "unknown":
+            raise InputError(f"{engine} is not importable by {self.options.engine_python}; install it there "
+                             "or pass --engine-python", field="engine-python")
+        self.engine_versions[engine] = version
+        for note in drop_unsupported(space, flags_in(probe_help(engine, version, help_argv))):
+            self.say(f"note: {note}")
 
     # --- Optuna -----------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
