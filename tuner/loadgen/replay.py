@@ -110,8 +110,12 @@ class BenchResult:
 ProgressCallback = Callable[[ProgressSnapshot], "Awaitable[bool] | bool"]
 
 
-def _pct_ms(values: list[float], percentile: float) -> float | None:
-    return float(np.percentile(values, percentile)) * 1000.0 if values else None
+def _percentiles(values_ms: list[float]) -> tuple[float | None, float | None]:
+    """p50 and p99."""
+    if not values_ms:
+        return None, None
+    p50, p99 = np.percentile(values_ms, [50, 99])
+    return float(p50), float(p99)
 
 
 class _Replay:
@@ -125,6 +129,7 @@ class _Replay:
         self.url = config.url.rstrip("/") + ENDPOINT_PATHS[config.endpoint]
         self.headers = request_headers(config.api_key)
         self.rows: list[RequestResult] = []
+        self.running_ms: dict[str, list[float]] = {"ttft": [], "tpot": [], "e2e": []}  # completed
         self.tasks: set[asyncio.Task] = set()
         self.sent = 0
         self.in_flight = 0
@@ -154,13 +159,16 @@ class _Replay:
         stopped = asyncio.ensure_future(self.stop.wait())
         progress = asyncio.ensure_future(self._report_progress()) if self.on_progress else None
         try:
-            await asyncio.wait({drive, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({drive, stopped, *([progress] if progress else [])},
+                               return_when=asyncio.FIRST_COMPLETED)
             if drive.done():
                 drive.result()  # re-raise a bug rather than hide it
                 return False
             for task in (drive, *self.tasks):
                 task.cancel()
             await asyncio.gather(drive, *self.tasks, return_exceptions=True)
+            if progress is not None and progress.done() and progress.exception() is not None:
+                raise progress.exception()  # on_progress itself failed
             return True
         finally:
             for task in (stopped, progress):
@@ -262,19 +270,22 @@ class _Replay:
             cached_tokens=outcome.cached_tokens,
             error=outcome.error,
         )
-        self.rows.append(to_server_clock(row, self.config.clock_scale))
+        row = to_server_clock(row, self.config.clock_scale)
+        self.rows.append(row)
+        if row.ok:
+            for name, value in (("ttft", row.ttft_s), ("tpot", row.tpot_s), ("e2e", row.e2e_s)):
+                if value is not None:
+                    self.running_ms[name].append(value * 1000.0)
 
     def snapshot(self) -> ProgressSnapshot:
-        ok = [r for r in self.rows if r.ok]
-        ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
-        tpots = [r.tpot_s for r in ok if r.tpot_s is not None]
-        e2es = [r.e2e_s for r in ok if r.e2e_s is not None]
+        completed = len(self.running_ms["e2e"])
+        ttft = _percentiles(self.running_ms["ttft"])
+        tpot = _percentiles(self.running_ms["tpot"])
         return ProgressSnapshot(
-            elapsed_s=self.now(), total=len(self.requests), sent=self.sent, completed=len(ok),
-            failed=len(self.rows) - len(ok), in_flight=self.in_flight,
-            p50_ttft_ms=_pct_ms(ttfts, 50), p99_ttft_ms=_pct_ms(ttfts, 99),
-            p50_tpot_ms=_pct_ms(tpots, 50), p99_tpot_ms=_pct_ms(tpots, 99),
-            p99_e2e_ms=_pct_ms(e2es, 99), rows=tuple(self.rows))
+            elapsed_s=self.now(), total=len(self.requests), sent=self.sent, completed=completed,
+            failed=len(self.rows) - completed, in_flight=self.in_flight,
+            p50_ttft_ms=ttft[0], p99_ttft_ms=ttft[1], p50_tpot_ms=tpot[0], p99_tpot_ms=tpot[1],
+            p99_e2e_ms=_percentiles(self.running_ms["e2e"])[1], rows=tuple(self.rows))
 
     async def _report_progress(self) -> None:
         assert self.on_progress is not None

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--engine-python", default=sys.executable, help="python that has the engine installed")
     m.add_argument("--engine-arg", action="append", default=[], help="extra flag(s) for every server (repeat)")
     m.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for every server (repeat)")
+    m.add_argument("--max-model-len", type=int, default=None,
+                   help="context length given to every server (default: the workload's longest request)")
     m.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to be ready")
     m.add_argument("--sim-time-scale", type=float, default=10.0, help="simulator clock speed-up")
     s = parser.add_argument_group("search")
@@ -127,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise InputError(f"expected KEY=VALUE, got '{item}'", field="engine-env")
         env.append((key, value))
+    longest = max(r.input_tokens + r.output_tokens for r in requests)
+    max_model_len = args.max_model_len or -(-longest // 1024) * 1024
+    if shape is not None and max_model_len > shape.max_position:
+        raise InputError(f"the workload needs {longest} tokens of context; {shape.name} has {shape.max_position} "
+                         "(slice the workload or pass --max-model-len)", field="max-model-len")
+    engine_args += ["--max-model-len", str(max_model_len)]
     model_label = Path(model).name if model else "model"
     study_name = args.study_name or f"{'-'.join(engines)}-{model_label}-{workload.stem}-{args.gpus}gpu"
     options = TuneOptions(
@@ -140,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         endpoint=args.endpoint, concurrency=args.concurrency, max_concurrency=args.max_concurrency,
         sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout,
         engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
-        vocab_size=shape.vocab_size if shape else 32000, quiet=args.quiet)
+        vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet)
     tuner = Tuner(options)
     study = tuner.run()
     tuner.report(study)

@@ -69,7 +69,8 @@ def front_table(front: list[Point], objectives: Objectives, baseline: Point | No
         mark = "*" if p.baseline else ""
         rows.append([f"{p.number}{mark}", p.engine, f"{p.value(THROUGHPUT):.0f}",
                      *(f"{p.value(m):.1f}" for m in objectives.latency),
-                     f"{p.summary.get('goodput', float('nan')):.2f}", "ok" if p.feasible else "miss",
+                     "-" if p.summary.get("goodput") is None else f"{p.summary['goodput']:.2f}",
+                     "ok" if p.feasible else "miss",
                      *(str(p.config.get(k, "-")) for k in knobs)])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]

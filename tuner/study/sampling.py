@@ -18,7 +18,8 @@ def _suggest(trial: optuna.Trial, name: str, knob: Knob) -> Any:
         return trial.suggest_int(name, int(knob.low), int(knob.high), step=int(knob.step or 1))
     if knob.log:
         return trial.suggest_float(name, knob.low, knob.high, log=True)
-    return trial.suggest_float(name, knob.low, knob.high, step=knob.step)
+    value = trial.suggest_float(name, knob.low, knob.high, step=knob.step)
+    return round(value, 6) if knob.step else value  # 0.88, not 0.8799999999999999
 
 
 def param_name(engine: str, knob: str, several_engines: bool) -> str:

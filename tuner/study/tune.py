@@ -5,7 +5,8 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,28 +79,41 @@ def build_spaces(options: TuneOptions) -> dict[str, SearchSpace]:
             space.fix(name.strip(), value.strip())
         for group in options.exclude:
             space.exclude(group)
+        fit_parallelism(space, options.gpus, options.shape)
         spaces[engine] = space
     return spaces
 
 
-def make_sampler(name: str, parallel: bool, seed: int | None) -> optuna.samplers.BaseSampler:
-    def constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-        return trial.user_attrs.get("constraints", [])
+def fit_parallelism(space: SearchSpace, gpus: int, shape: ModelShape | None) -> None:
+    """Parallel sizes that cannot fit the GPUs (or split the heads) leave the space before sampling."""
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        knob = space.knobs.get(name)
+        if knob is None or knob.type != "categorical":
+            continue
+        keep = tuple(c for c in knob.choices if int(c) <= gpus and not (
+            name == "tensor_parallel_size" and shape is not None and shape.num_heads % int(c)))
+        if keep and keep != knob.choices:
+            space.knobs[name] = replace(knob, choices=keep, default=knob.default if knob.default in keep else keep[0])
 
+
+def make_sampler(name: str, parallel: bool, seed: int | None) -> optuna.samplers.BaseSampler:
+    """SLO constraints reach every sampler through Trial.set_constraint (see Tuner._record)."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=parallel, seed=seed,
-                                          constraints_func=constraints, n_startup_trials=6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=parallel, seed=seed,
+                                              n_startup_trials=6)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=8)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise InputError(f"unknown sampler '{name}' (tpe, nsga2, random)", field="sampler")
 
 
 def _finished(study: optuna.Study) -> int:
-    """Trials that ran (completed or failed on a server), not ones rejected before launch."""
+    """Trials that ran to an end (completed or failed on a server): not rejected, not interrupted."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-               if t.user_attrs.get("failure") != FailureClass.CONSTRAINT)
+               if t.user_attrs.get("failure") not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED))
 
 
 def _recover_interrupted(study: optuna.Study) -> int:
@@ -223,6 +237,9 @@ class Tuner:
             storage.set_trial_user_attr(trial_id, "summary", outcome.summary)
             storage.set_trial_user_attr(trial_id, "engine_metrics", outcome.engine_metrics)
             storage.set_trial_user_attr(trial_id, "constraints", constraints)
+            live_trial = optuna.trial.Trial(study, trial_id)
+            for target, value in zip(self.options.slo.targets if self.options.slo else (), constraints):
+                live_trial.set_constraint(target.name, value)
             study.tell(number, values)
             lat = " ".join(f"{m} {v:.0f}ms" for m, v in zip(self.options.objectives.latency, values[1:]))
             text = f"{values[0]:.0f} tok/s {lat}" + (" (misses SLO)" if any(c > 0 for c in constraints) else "")
@@ -315,7 +332,9 @@ class Tuner:
             return {}
         front = pareto_front(points, o.objectives)
         baseline = next((p for p in points if p.baseline), None)
-        knobs = [k for k in next(iter(self.spaces.values())).knobs if not next(iter(self.spaces.values())).knobs[k].fixed]
+        shown = front + ([baseline] if baseline else [])
+        knobs = [k for k in dict.fromkeys(k for p in shown for k in p.config)
+                 if len({str(p.config.get(k)) for p in shown}) > 1]  # the knobs that tell the points apart
         table = front_table(front, o.objectives, baseline, knobs)
         self.say("\nPareto front (throughput vs " + ", ".join(o.objectives.latency) + "):\n" + table)
         from tuner.tracking.plots import pareto_html, pareto_png

@@ -1,0 +1,122 @@
+"""The whole job on the simulator: Optuna study, Ray actors, MLflow store, Pareto, export, resume."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+
+from tuner.cli import main
+from tuner.engines.base import FailureClass
+from tuner.export.command import choose, load_study, shell_line
+from tuner.space.flags import parse_flags
+from tuner.space.knobs import load_space
+from tuner.study.pareto import completed_points
+
+WORKLOAD = Path(__file__).parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    from tuner.runner.pool import init_ray
+
+    init_ray(None, gpus=2)
+    yield
+    ray.shutdown()
+
+
+def _tune(tmp_path: Path, *extra: str, name: str = "e2e") -> int:
+    return main(["--workload", str(WORKLOAD), "--rows", "24", "--time-scale", "3", "--engine", "sim",
+                 "--gpus", "2", "--sim-time-scale", "20", "--study-name", name, "--out", str(tmp_path / "runs"),
+                 "--seed", "7", *extra])
+
+
+def _storage(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+
+
+def test_study_runs_records_resumes_and_exports(tmp_path, capsys):
+    assert _tune(tmp_path, "--trials", "4", "--slo", "ttft_p99=60s") == 0
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "recommended (trial" in out and "SIMULATED" in out
+    study = load_study("e2e", _storage(tmp_path))
+    finished = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("failure") != "constraint"]
+    assert len(finished) == 4
+    assert study.trials[0].user_attrs["baseline"] is True
+    assert study.trials[0].user_attrs["command"][:2] == ["tune", "sim-serve"]
+    run_dir = tmp_path / "runs" / "e2e"
+    assert (run_dir / "pareto.png").stat().st_size > 1000 and (run_dir / "pareto.html").exists()
+
+    # MLflow: one parent run for the study, one child per trial, with params, metrics and artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("servetune")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("servetune.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("servetune.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    complete = [c for c in children if c.data.tags["servetune.state"] == "COMPLETE"]
+    assert complete, "at least one trial should complete on the simulator"
+    assert complete[0].data.metrics["output_throughput"] > 0
+    assert "p99_ttft_ms" in complete[0].data.metrics and "goodput" in complete[0].data.metrics
+    assert complete[0].data.params["command"].startswith("tune sim-serve")
+    assert complete[0].data.tags["simulated"] == "true" and len(complete[0].data.tags["trace_sha256"]) == 64
+    artifacts = {a.path for a in client.list_artifacts(complete[0].info.run_id)}
+    assert {"server.log", "requests.csv"} <= artifacts or "server.log" in artifacts
+    assert "pareto.png" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+    # export: the recommended command parses back into the trial's configuration
+    space = load_space("sim")
+    for point in completed_points(study):
+        argv = shlex.split(shell_line(point))
+        if not point.baseline:
+            assert parse_flags(space, argv) == point.config
+    best = choose(study, None, "throughput")
+    assert main(["export", "--study", "e2e", "--storage", _storage(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == shell_line(best)
+
+    # the same command again resumes: nothing re-runs; asking for one more runs one more
+    assert _tune(tmp_path, "--trials", "4", "--slo", "ttft_p99=60s") == 0
+    assert "already has 4 finished trials" in capsys.readouterr().out
+    assert _tune(tmp_path, "--trials", "5", "--slo", "ttft_p99=60s") == 0
+    study = load_study("e2e", _storage(tmp_path))
+    assert sum(1 for t in study.trials if t.state.is_finished() and t.user_attrs.get("failure") != "constraint") == 5
+
+
+def test_failed_trials_are_recorded_with_cause_and_the_study_goes_on(tmp_path, capsys):
+    # a 70B model does not fit one simulated H100 at 70% memory: every launch fails at start-up
+    code = main(["--workload", str(WORKLOAD), "--rows", "8", "--engine", "sim", "--model", "llama-3.1-70b",
+                 "--gpus", "1", "--fix", "tensor_parallel_size=1", "--fix", "gpu_memory_utilization=0.7",
+                 "--trials", "2", "--study-name", "oom", "--out", str(tmp_path / "runs"), "--no-mlflow"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "no trial completed" in out
+    study = load_study("oom", _storage(tmp_path))
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL
+              and t.user_attrs.get("failure") != FailureClass.CONSTRAINT]
+    assert len(failed) == 2
+    assert all(t.user_attrs["failure"] == FailureClass.OOM_STARTUP for t in failed)
+    assert all("No available memory for the cache blocks" in t.user_attrs["log_tail"] for t in failed)
+
+
+def test_interrupted_trial_is_run_again(tmp_path, capsys):
+    assert _tune(tmp_path, "--trials", "1", "--no-mlflow", name="crash") == 0
+    study = load_study("crash", _storage(tmp_path))
+    # what a `tune` killed mid-trial leaves behind: a RUNNING trial in the storage
+    orphan = study.ask({"max_num_seqs": optuna.distributions.IntDistribution(8, 1024, log=True)})
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.RUNNING
+    assert _tune(tmp_path, "--trials", "2", "--no-mlflow", name="crash") == 0
+    assert "1 interrupted trial(s) will run again" in capsys.readouterr().out
+    study = load_study("crash", _storage(tmp_path))
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert study.trials[orphan.number].user_attrs["failure"] == FailureClass.INTERRUPTED
+    assert study.trials[orphan.number + 1].params["max_num_seqs"] == orphan.params["max_num_seqs"]
+    ran = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("failure") not in
+           (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)]
+    assert len(ran) == 2
