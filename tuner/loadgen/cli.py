@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -128,6 +130,14 @@ def format_summary(summary: BenchSummary, clock_scale: float = 1.0) -> str:
     return "\n".join(lines)
 
 
+def _print_errors(errors: list[str], kinds: int = 3) -> None:
+    """The commonest kinds of failure (messages alike but for their numbers), one example each."""
+    kind_of = [re.sub(r"\d+", "#", error) for error in errors]
+    example = dict(zip(kind_of, errors))
+    for kind, count in Counter(kind_of).most_common(kinds):
+        print(f"bench: {count} failed like: {example[kind]}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from tuner.workload.transform import load_workload  # written alongside; import when used
 
@@ -147,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"bench: {len(requests)} requests to {config.url} ({mode})", file=sys.stderr, flush=True)
     result = run_bench_sync(config, requests, on_progress=_ProgressLine(len(requests)))
     print(format_summary(result.summary, config.clock_scale))
+    _print_errors([row.error for row in result.rows if row.error is not None])
     rows_path, summary_path = write_results(result, out_dir)
     print(f"bench: wrote {rows_path} and {summary_path}", file=sys.stderr)
     return 0 if result.summary.completed else 1
