@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     engine.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default="none")
     engine.add_argument("--speculative-config", "-sc", default=None, metavar="JSON",
-                        help='e.g. \'{"method":"ngram","num_speculative_tokens":4}\'; methods ngram, eagle, eagle3, draft_model')
+                        help='e.g. \'{"method":"ngram","num_speculative_tokens":4}\'; '
+                             'methods ngram, eagle, eagle3, draft_model')
     engine.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False)
     engine.add_argument("--block-size", type=int, default=16)

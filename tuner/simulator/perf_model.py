@@ -10,7 +10,7 @@ Memory, per GPU (bytes), as vLLM plans it after profiling:
     kv cache    = usable - weights - activations - cuda graphs - non-torch
     capacity    = floor(kv cache / (kv bytes per token per GPU x block_size)) blocks,
                   kv bytes per token per GPU = 2 x layers/PP x max(1, kv_heads/TP) x head_dim x kv dtype bytes
-Calibrated so llama-3.1-8b on one H100 at 0.92 holds ~461k tokens (real vLLM 0.26: 463,264).
+Calibrated so llama-3.1-8b on one H100 at 0.92 holds 463,280 tokens (real vLLM 0.26: 463,264).
 
 Step time for a batch of T tokens (decode tokens incl. speculative ones + prefill chunk tokens):
     linear  = max(2 x active linear params x T / TP / (peak x MFU),  weight bytes touched / TP / (HBM x 0.75))
@@ -20,10 +20,11 @@ Step time for a batch of T tokens (decode tokens incl. speculative ones + prefil
     attn    = max(4 x layers x heads x head_dim x (query, key) pairs / TP / (bf16 peak x 0.45 x backend),
                   KV bytes read + written / (HBM x 0.8 x backend))
     comm    = TP > 1: 2 all-reduces per layer: 10 us + 2(TP-1)/TP x T x hidden x 2 bytes / (link x 0.7)
-    step    = (linear + attn + comm) / PP x (1 + 0.1 (PP - 1)) + overhead + draft
-    overhead= CPU: 0.35 ms + 2 us x sequences, hidden behind the GPU work with async scheduling
-              (step = max(gpu, cpu) + 0.05 ms), added to it without;
-              GPU launches: eager (or CUDA graphs not covering the batch): + 80 us x layers
+    gpu     = (linear + attn + comm) / PP x (1 + 0.1 (PP - 1)) + launches + draft
+    launches= eager, or a batch CUDA graphs do not cover: 80 us x layers (40 us for prefill steps,
+              which run piecewise graphs)
+    cpu     = 0.35 ms + 2 us x sequences (scheduling, sampling, output processing)
+    step    = max(gpu, cpu) + 0.05 ms with async scheduling (CPU work hidden), gpu + cpu without
     draft   = speculative decoding, per step with D decoding sequences and k draft tokens:
               ngram: 0.1 ms + 3 us x D (CPU);  eagle/eagle3/draft_model: k x (fixed + fraction x linear(D))
 A speculative decode verifies k+1 tokens per sequence; with acceptance rate a the expected tokens
@@ -141,12 +142,13 @@ class PerfModel:
         self.dense_bytes = self.dense_linear_params * wbytes
         self.expert_bytes = self.expert_params_total * wbytes
         self.lm_head_bytes = self.lm_head_params * 2.0
-        self.total_weight_bytes = (self.dense_linear_params + self.expert_params_total) * wbytes + embedding_params * 2.0
+        self.total_weight_bytes = ((self.dense_linear_params + self.expert_params_total) * wbytes
+                                   + embedding_params * 2.0)
         self.active_intermediate = active_intermediate
 
         fp8_compute = config.quantization == "fp8" and gpu.supports_fp8
-        self.linear_flops_rate = (gpu.fp8_tflops if fp8_compute else gpu.bf16_tflops) * 1e12 * LINEAR_MFU[config.quantization]
-        self.bf16_flops_rate = gpu.bf16_tflops * 1e12 * LINEAR_MFU["none"]
+        peak = gpu.fp8_tflops if fp8_compute else gpu.bf16_tflops
+        self.linear_flops_rate = peak * 1e12 * LINEAR_MFU[config.quantization]
         backend = attention_efficiency(config.attention_backend, gpu.compute_capability)
         kv_dequant = 0.97 if config.kv_cache_dtype != "auto" else 1.0
         self.attention_flops_rate = gpu.bf16_tflops * 1e12 * ATTENTION_MFU * backend * kv_dequant

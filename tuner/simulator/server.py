@@ -28,6 +28,7 @@ from tuner.simulator.engine import Engine, EngineRequest
 BANNER = "SIMULATED ENGINE (servetune performance model, not a GPU)"
 OWNER = "servetune-simulator"
 LOAD_SHARE = 0.5  # of --startup-seconds: weight loading; the rest is profiling and graph capture
+SHUTDOWN_GRACE_S = 2.0  # open streams get this long after SIGTERM (a hung engine never ends them)
 log = logging.getLogger("servetune.simulator")
 
 
@@ -153,7 +154,6 @@ class SimServer:
         self.model_name = self.served_names[0]
         self.replicas: list[Replica] = []
         self.clock: SimClock | None = None
-        self.ready = False
         self.dead = False
         self.requests_received = 0
         self.exit_code = 0
@@ -182,7 +182,6 @@ class SimServer:
     def start_loops(self) -> None:
         self.clock.start = time.monotonic()
         self._tasks = [asyncio.get_running_loop().create_task(replica.run()) for replica in self.replicas]
-        self.ready = True
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
@@ -587,9 +586,10 @@ async def _serve(server: SimServer) -> int:
         log.info("Graph capturing finished in %.0f secs (simulated), took %.2f GiB", config.startup_seconds
                  * warmup_share, server.replicas[0].engine.memory.cuda_graph_bytes / 2**30)
 
-    runner = web.AppRunner(server.build_app(), handle_signals=False, access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(server.build_app(), handle_signals=False, access_log=None, handler_cancellation=True,
+                           shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, backlog=1024)
     try:
         await site.start()
     except OSError as exc:
