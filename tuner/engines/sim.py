@@ -14,8 +14,10 @@ class SimEngine(Engine):
     metrics_prefix: str = "sim:"
     failure_patterns: list = field(default_factory=lambda: patterns(
         (FailureClass.OOM_LOAD, r"out of memory under load"),
-        (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|out of memory"),
-        (FailureClass.INVALID_CONFIG, r"must be greater than or equal to|must be divisible by|error: argument"),
+        (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|To serve at least one request with "
+                                   r"the model's max seq len|out of memory"),
+        (FailureClass.INVALID_CONFIG, r"must be greater than or equal to|must be divisible by|is smaller than "
+                                      r"max_model_len|is greater than the derived max_model_len|error: argument"),
         (FailureClass.UNSUPPORTED, r"^\S*(Error|Exception)\b.*\b(not supported|unsupported)\b"),
     ))
 

@@ -187,7 +187,11 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
                 flag_off=spec.get("flag_off"), omit=tuple(spec.get("omit") or ()),
                 json_flag=spec.get("json_flag"), json_key=spec.get("json_key"),
                 value_from=spec.get("value_from"), doc=spec.get("doc", ""), engine_default=spec["default"])
-    knob.coerce(knob.default, str(path))  # the default must lie in the space
+    # the engine's default may lie outside the searched range (trial 0 runs it anyway), not its type
+    if kind == "bool" and not isinstance(knob.default, bool):
+        raise InputError("default must be true or false", file=str(path), field=f"{where}.default")
+    if kind in ("int", "float") and (isinstance(knob.default, bool) or not isinstance(knob.default, (int, float))):
+        raise InputError(f"default {knob.default!r} is not a number", file=str(path), field=f"{where}.default")
     return knob
 
 

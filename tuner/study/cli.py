@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--gpus", type=int, default=1, help="GPUs to use; logical GPUs for the simulator")
     m.add_argument("--gpu", default=None, help="GPU model for the simulator and constraints (h100, h200, a100...)")
     m.add_argument("--engine-python", default=sys.executable, help="python that has the engine installed")
-    m.add_argument("--engine-arg", action="append", default=[], help="extra flag(s) for every server (repeat)")
+    m.add_argument("--engine-arg", action="append", default=[], help="extra flags for every server, e.g. --engine-arg='--enforce-eager' (repeat)")
     m.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for every server (repeat)")
     m.add_argument("--max-model-len", type=int, default=None,
                    help="context length given to every server (default: the workload's longest request)")
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--budget", default=None, help="wall-clock budget, e.g. 90m or 2h")
     s.add_argument("--slo", default=None, help="e.g. ttft_p99=800ms,tpot_p99=60ms")
     s.add_argument("--latency", default="ttft_p99,tpot_p99", help="latency objectives to minimise")
-    s.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    s.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random", "grid"],
+                   help="grid: every combination of discrete knobs, in random order")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--space", default=None, help="your own search-space YAML")
     s.add_argument("--fix", action="append", default=[], help="KNOB=VALUE held fixed (repeat)")
@@ -109,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    engine_args, model = list(args.engine_arg), args.model
+    engine_args = [word for item in args.engine_arg for word in shlex.split(item)]
+    model = args.model
     if engines == ["sim"]:
         shape = get_shape(args.model_shape or args.model or "llama-3.1-8b")
         model = shape.name

