@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 import urllib.request
@@ -11,6 +12,7 @@ from typing import Any
 
 from tuner.engines import get_engine
 from tuner.engines.base import FailureClass, Launch
+from tuner.hardware.inventory import used_memory_mib, wait_memory_back
 from tuner.loadgen.replay import BenchConfig, run_bench_sync
 from tuner.loadgen.metrics import write_results
 from tuner.loadgen.slo import SLO
@@ -57,6 +59,7 @@ class TrialOutcome:
     started_at: float = 0.0
     ended_at: float = 0.0
     port_released: bool = True
+    gpu_memory_released: bool | None = None  # None without NVML (no GPU)
     cuda_visible_devices: str = ""
 
 
@@ -91,8 +94,6 @@ class _HangWatch:
 
 
 def execute_trial(spec: TrialSpec) -> TrialOutcome:
-    import os
-
     engine = get_engine(spec.engine)
     port = free_port(spec.launch.host)
     launch = Launch(**{**spec.launch.__dict__, "port": port, "api_key": secrets.token_urlsafe(24)})
@@ -103,6 +104,8 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     server = ManagedServer(server_spec, trial_dir / "server.log")
     outcome.log_path = str(server.log_path)
     hang = _HangWatch(spec.hang_timeout_s / server_spec.clock_scale)
+    visible = [int(i) for i in outcome.cuda_visible_devices.split(",") if i.strip().isdigit()]
+    memory_before = used_memory_mib(visible) if spec.engine != "sim" else {}
     try:
         server.start()
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
@@ -131,6 +134,8 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     finally:
         exit_code = server.stop()
         outcome.port_released = server.wait_port_released(launch.host, port)
+        if memory_before:
+            outcome.gpu_memory_released = wait_memory_back(memory_before)
         outcome.log_tail = server.log_tail()
         outcome.ended_at = time.time()
     if not outcome.ok and outcome.failure in (FailureClass.CRASH, FailureClass.REQUEST_ERRORS):

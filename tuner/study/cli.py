@@ -138,11 +138,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the workload needs {longest} tokens of context; {shape.name} has {shape.max_position} "
                          "(slice the workload or pass --max-model-len)", field="max-model-len")
     engine_args += ["--max-model-len", str(max_model_len)]
+    gpu = args.gpu
+    if gpu is None and engines != ["sim"]:
+        from tuner.hardware.inventory import detect
+
+        found = detect()
+        gpu = found[0].preset if found else None
+        if found:
+            print(f"GPUs: {len(found)} × {found[0].name} ({found[0].memory_mib} MiB, compute capability "
+                  f"{found[0].compute_capability[0]}.{found[0].compute_capability[1]})")
     model_label = Path(model).name if model else "model"
     study_name = args.study_name or f"{'-'.join(engines)}-{model_label}-{workload.stem}-{args.gpus}gpu"
     options = TuneOptions(
         workload=workload, requests=requests, workload_digest=trace_digest(workload), engines=engines,
-        model=model, shape=shape, gpus=args.gpus, gpu=args.gpu or ("h100" if engines == ["sim"] else None),
+        model=model, shape=shape, gpus=args.gpus, gpu=gpu or ("h100" if engines == ["sim"] else None),
         trials=trials, budget_s=budget, objectives=objectives, slo=slo, sampler=args.sampler, seed=args.seed,
         study_name=study_name, storage=args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}",
         out_dir=out, mlflow_uri=None if args.no_mlflow else (args.mlflow_uri or

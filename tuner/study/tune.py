@@ -259,6 +259,9 @@ class Tuner:
         self.trial_wall.append(outcome.ended_at - outcome.started_at)
         storage.set_trial_user_attr(trial_id, "command", outcome.command)
         storage.set_trial_user_attr(trial_id, "wall_s", round(outcome.ended_at - outcome.started_at, 2))
+        storage.set_trial_user_attr(trial_id, "ready_s", round(outcome.ready_s, 2))
+        storage.set_trial_user_attr(trial_id, "teardown", {"port_released": outcome.port_released,
+                                                           "gpu_memory_released": outcome.gpu_memory_released})
         if outcome.ok:
             values = self.options.objectives.values(outcome.summary)
             constraints = slo_constraints(self.options.slo, outcome.summary)
