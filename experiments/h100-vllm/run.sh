@@ -19,6 +19,6 @@ python3 -m tuner --workload workloads/mooncake_conversation_head300.jsonl --rows
   --study-name h100-vllm-mooncake40 --out $W/runs --no-mlflow \
   --engine-env VLLM_USE_FLASHINFER_SAMPLER=0 --startup-timeout 400
 rc=$?
-tar -C $W -czf "${OUT:-/tmp}/h100.tar.gz" runs --exclude='*.csv' 2>/dev/null
+tar -C $W --exclude='*.csv' -czf "${OUT:-/tmp}/h100.tar.gz" runs 2>/dev/null
 tar -C $W -czf "${OUT:-/tmp}/h100-rows.tar.gz" runs 2>/dev/null
 exit $rc
