@@ -23,6 +23,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
     ("fail-unsupported-backend.log", FailureClass.UNSUPPORTED),
     ("fail-bad-flag.log", FailureClass.INVALID_CONFIG),
     ("fail-max-model-len-too-long.log", FailureClass.INVALID_CONFIG),
+    ("fail-unsupported-flex-fp8-h100.log", FailureClass.UNSUPPORTED),  # vLLM 0.26.0 on the H100
 ])
 def test_vllm_failures_classified_from_real_logs(name, expected):
     log = (FIXTURES / name).read_text()
@@ -85,3 +86,18 @@ def test_knobs_missing_from_the_installed_version_are_dropped_with_a_note():
     assert "num_speculative_tokens" not in space.knobs  # conditioned on a dropped knob
     assert any("--attention-backend" in note for note in notes)
     assert "max_num_seqs" in space.knobs
+
+
+def test_sglang_flags_exist_in_the_pinned_version():
+    from tuner.engines.probe import flags_in
+
+    available = flags_in((Path(__file__).parent / "fixtures" / "sglang" / "sglang-0.5.23-flags.txt").read_text())
+    space = load_space("sglang")
+    config = dict(space.defaults(), max_num_seqs=64, enable_prefix_caching=False, cuda_graphs=False,
+                  speculative_method="NGRAM", num_speculative_tokens=4, kv_cache_dtype="fp8_e4m3",
+                  attention_backend="fa3", tensor_parallel_size=2)
+    launch = Launch(config=config, model="/models/llama")
+    argv = get_engine("sglang").server_spec(launch, space).argv
+    used = {a for a in argv if a.startswith("--")}
+    assert used <= available, used - available
+    assert "--max-running-requests" in used and "--disable-radix-cache" in used

@@ -120,3 +120,11 @@ def test_interrupted_trial_is_run_again(tmp_path, capsys):
     ran = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("failure") not in
            (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)]
     assert len(ran) == 2
+
+
+def test_resumed_seeded_study_does_not_repeat_its_first_proposals(tmp_path):
+    assert _tune(tmp_path, "--trials", "3", "--no-mlflow", "--sampler", "random", name="seeded") == 0
+    assert _tune(tmp_path, "--trials", "5", "--no-mlflow", "--sampler", "random", name="seeded") == 0
+    study = load_study("seeded", _storage(tmp_path))
+    configs = [tuple(sorted(t.params.items())) for t in study.trials if t.params]
+    assert len(configs) == len(set(configs))

@@ -18,8 +18,8 @@ class VllmEngine(Engine):
                                    r"memory for kv|CUDA out of memory occurred when warming up|"
                                    r"DefaultCPUAllocator: can't allocate memory"),
         (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
-        (FailureClass.UNSUPPORTED, r"Unknown attention backend|^\S*(Error|Exception)\b.*\b(not supported|"
-                                   r"unsupported)\b"),
+        (FailureClass.UNSUPPORTED, r"Unknown attention backend|(Error|Exception): .*(\bnot supported\b|"
+                                   r"\bunsupported\b|is not valid for this configuration)"),
         (FailureClass.INVALID_CONFIG, r"must be greater than or equal to max_num_seqs|must be divisible by|"
                                       r"is smaller than max_model_len|validation error for|"
                                       r"error: (argument|unrecognized arguments)"),

@@ -193,6 +193,10 @@ class Tuner:
         study = optuna.create_study(study_name=self.options.study_name, storage=self.options.storage,
                                     directions=self.options.objectives.directions, load_if_exists=True,
                                     sampler=make_sampler(self.options.sampler, parallel, self.options.seed, self.spaces))
+        if study.trials and self.options.seed is not None:
+            # a resumed study must not replay the first run's proposals: move the seed on
+            study.sampler = make_sampler(self.options.sampler, parallel, self.options.seed + len(study.trials),
+                                         self.spaces)
         stored = study.user_attrs.get("objectives")
         if stored and stored != self.options.objectives.names:
             raise InputError(f"study '{self.options.study_name}' was created with objectives {stored}; "
