@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuner.study.objectives import THROUGHPUT, Objectives
-from tuner.study.pareto import Point
+from tuner.study.pareto import Point, pareto_front
 
 
 def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
@@ -21,9 +21,11 @@ def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, 
         others = [p for p in points if p.number not in front_numbers]
         ax.scatter([p.value(metric) for p in others], [p.value(THROUGHPUT) for p in others],
                    c=["tab:gray" if p.feasible else "tab:red" for p in others], alpha=0.6, label="trials")
-        ordered = sorted(front, key=lambda p: p.value(metric))
-        ax.plot([p.value(metric) for p in ordered], [p.value(THROUGHPUT) for p in ordered], "o-",
-                color="tab:blue", label="Pareto front")
+        ax.scatter([p.value(metric) for p in front], [p.value(THROUGHPUT) for p in front], color="tab:blue",
+                   label="Pareto-optimal (all objectives)")
+        ordered = sorted(pareto_front(points, Objectives(latency=(metric,))), key=lambda p: p.value(metric))
+        ax.step([p.value(metric) for p in ordered], [p.value(THROUGHPUT) for p in ordered], where="post",
+                color="tab:blue", alpha=0.6, label=f"front: throughput vs {metric}")
         for p in points:
             if p.baseline:
                 ax.scatter([p.value(metric)], [p.value(THROUGHPUT)], marker="*", s=250, color="tab:orange",
