@@ -117,3 +117,18 @@ def test_constraints_give_reasons():
     assert violations(ok, Context(gpus=4, gpu=get_gpu("h100"), model=llama)) == []
     heads = Context(gpus=8, model=get_shape("tiny-llama"))
     assert any("not divisible by TP=8" in r for r in violations({"tensor_parallel_size": 8}, heads))
+
+
+def test_a_single_choice_is_the_value_sampled_even_when_the_engine_default_differs():
+    import optuna
+
+    from tuner.study.sampling import suggest_config
+
+    own = load_space("vllm")
+    own.knobs["max_num_seqs"] = own.knobs["max_num_seqs"].__class__(
+        **{**own.knobs["max_num_seqs"].__dict__, "type": "categorical", "choices": (256,), "low": None, "high": None})
+    study = optuna.create_study()
+    _, config = suggest_config(study.ask(), {"vllm": own})
+    assert config["max_num_seqs"] == 256
+    _, baseline = suggest_config(study.ask(), {"vllm": own}, baseline=True)
+    assert baseline["max_num_seqs"] == 1024  # trial 0 runs the engine's own default

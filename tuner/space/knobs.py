@@ -55,6 +55,11 @@ class Knob:
     engine_default: Any = None  # the engine's own default, kept when --fix moves `default`
 
     @property
+    def fixed_value(self) -> Any:
+        """The one value a fixed knob can take."""
+        return self.choices[0] if self.type in ("categorical", "bool") else self.low
+
+    @property
     def fixed(self) -> bool:
         if self.type == "categorical":
             return len(self.choices) <= 1

@@ -40,7 +40,7 @@ def suggest_config(trial: optuna.Trial, spaces: dict[str, SearchSpace],
         if knob.when is not None and not knob.when.holds(config):
             continue
         if knob.fixed:
-            config[name] = knob.default
+            config[name] = knob.fixed_value
         else:
             config[name] = _suggest(trial, param_name(engine, name, several), knob)
     return engine, config
