@@ -22,4 +22,9 @@ class InputError(Exception):
                 where += f":{self.line}"
             where += ": "
         field = f"field '{self.field}': " if self.field else ""
-        return f"{where}{field}{self.message}"
+        return _one_line(f"{where}{field}{self.message}")
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a newline in a quoted value, say) shown escaped, so the error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

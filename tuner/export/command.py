@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 from typing import Any
 
@@ -24,13 +25,21 @@ def load_study(name: str, storage: str) -> optuna.Study:
                          field="study") from None
 
 
-def choose(study: optuna.Study, slo: SLO | None, prefer: str) -> Point:
-    objectives = Objectives(latency=tuple(study.user_attrs["objectives"][1:]))
+def study_objectives(study: optuna.Study) -> Objectives:
+    return Objectives(latency=tuple(study.user_attrs["objectives"][1:]))
+
+
+def points_under(study: optuna.Study, slo: SLO | None) -> list[Point]:
+    """Completed trials; with `slo`, feasibility judged against it instead of the study's own SLO."""
     points = completed_points(study)
     if slo is not None:
         points = [Point(**{**p.__dict__, "feasible": all(c <= 0 for c in slo_constraints(slo, p.summary))})
                   for p in points]
-    best = pick(points, objectives, prefer)
+    return points
+
+
+def choose(study: optuna.Study, slo: SLO | None, prefer: str) -> Point:
+    best = pick(points_under(study, slo), study_objectives(study), prefer)
     if best is None:
         raise InputError("no completed trial meets the SLO" if slo else "the study has no completed trial",
                          field="slo" if slo else "study")
@@ -39,6 +48,17 @@ def choose(study: optuna.Study, slo: SLO | None, prefer: str) -> Point:
 
 def shell_line(point: Point) -> str:
     return shlex.join(point.command)
+
+
+def _scalar(text: str) -> Any:
+    """A flag's value as the YAML number it is, else the string (never YAML's `on` -> true)."""
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        return value if math.isfinite(value) else text
+    return text
 
 
 def argv_to_config(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -53,7 +73,7 @@ def argv_to_config(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
         flag = argv[i].lstrip("-")
         has_value = i + 1 < len(argv) and not (argv[i + 1].startswith("--") or argv[i + 1] == "-")
         if has_value:
-            value: Any = yaml.safe_load(argv[i + 1]) if argv[i + 1][:1] in "{[" else argv[i + 1]
+            value: Any = yaml.safe_load(argv[i + 1]) if argv[i + 1][:1] in "{[" else _scalar(argv[i + 1])
             config[flag] = value
             i += 2
         elif flag.startswith("no-"):

@@ -306,11 +306,11 @@ def _warmup_requests(config: BenchConfig, requests: list[TraceRequest]) -> list[
 
 
 async def _warm_up(config: BenchConfig, requests: list[TraceRequest], model: str,
-                   session: aiohttp.ClientSession) -> None:
+                   session: aiohttp.ClientSession, on_progress: ProgressCallback | None) -> None:
     warm_config = dataclasses.replace(
         config, seed=config.seed + WARMUP_SEED_OFFSET, warmup_requests=0,
         concurrency=config.concurrency or config.max_concurrency or config.warmup_requests)
-    await _Replay(warm_config, _warmup_requests(config, requests), model, session, None).run()
+    await _Replay(warm_config, _warmup_requests(config, requests), model, session, on_progress).run()
 
 
 async def run_bench(config: BenchConfig, requests: list[TraceRequest],
@@ -325,7 +325,7 @@ async def run_bench(config: BenchConfig, requests: list[TraceRequest],
         model = config.model or await fetch_first_model(session, config.url,
                                                         request_headers(config.api_key))
         if config.warmup_requests:
-            await _warm_up(config, requests, model, session)
+            await _warm_up(config, requests, model, session, on_progress)  # a hang watch covers it too
         replay = _Replay(config, requests, model, session, on_progress)
         stopped_early = await replay.run()
     rows = sorted(replay.rows, key=lambda r: r.index)

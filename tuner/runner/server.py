@@ -40,12 +40,14 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """In the child: be killed if the process that started us (the trial actor) dies."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class ManagedServer:
@@ -53,14 +55,18 @@ class ManagedServer:
         self.spec = spec
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
+        self.pid_path = log_path.parent / "server.pid"
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.spec.env}
+        parent_pid = os.getpid()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.spec.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=lambda: _die_with_parent(parent_pid))
+        # the pid is the process group id too (new session); tests and operators find the server by it
+        self.pid_path.write_text(f"{self.process.pid}\n")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -164,11 +164,47 @@ def _parse_condition(text: Any, path: Path, name: str) -> Condition | None:
                      file=str(path), field=f"knobs.{name}.when")
 
 
+def _is_number(value: Any, integer: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return math.isfinite(value)
+
+
+def _check_field_types(spec: dict, path: Path, where: str) -> None:
+    """Each field in the type the rest of the code relies on (`flag` a string or list of strings...)."""
+    def wrong(key: str, expected: str) -> InputError:
+        return InputError(f"must be {expected}, got {spec[key]!r}", file=str(path), field=f"{where}.{key}")
+
+    for key in ("group", "doc", "json_flag", "json_key", "value_from"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise wrong(key, "a string")
+    for key in ("flag", "flag_off"):
+        value = spec.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            raise wrong(key, "a flag or a list of flags")
+    for key in ("choices", "omit"):
+        value = spec.get(key)
+        if value is not None and not (isinstance(value, list) and all(
+                isinstance(v, (str, bool, type(None))) or _is_number(v) for v in value)):
+            raise wrong(key, "a list of plain values (strings, numbers, booleans)")
+    if spec.get("log") is not None and not isinstance(spec["log"], bool):
+        raise wrong("log", "true or false")
+    if spec.get("step") is not None and not (_is_number(spec["step"], spec.get("type") == "int") and spec["step"] > 0):
+        raise wrong("step", "a positive integer" if spec.get("type") == "int" else "a positive number")
+    default = spec.get("default")
+    if not isinstance(default, (str, bool, type(None))) and not _is_number(default):
+        raise wrong("default", "a plain value (string, number, boolean)")
+
+
 def _build_knob(name: str, spec: dict, path: Path) -> Knob:
     where = f"knobs.{name}"
+    if not isinstance(name, str):
+        raise InputError(f"knob names are strings, got {name!r}", file=str(path), field=where)
     unknown = set(spec) - _KNOB_FIELDS
     if unknown:
         raise InputError(f"unknown key '{sorted(unknown)[0]}'", file=str(path), field=where)
+    _check_field_types(spec, path, where)
     kind = spec.get("type")
     if kind not in KNOB_TYPES:
         raise InputError(f"type must be one of {', '.join(KNOB_TYPES)}, got {kind!r}", file=str(path),
@@ -180,8 +216,10 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
         raise InputError("a categorical knob needs 'choices'", file=str(path), field=f"{where}.choices")
     low, high = spec.get("low"), spec.get("high")
     if kind in ("int", "float"):
-        if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or low > high:
-            raise InputError("needs numeric 'low' <= 'high'", file=str(path), field=f"{where}.low")
+        integer = kind == "int"
+        if not _is_number(low, integer) or not _is_number(high, integer) or low > high:
+            raise InputError(f"needs {'integer' if integer else 'numeric'} 'low' <= 'high'", file=str(path),
+                             field=f"{where}.low")
         if spec.get("log") and low <= 0:
             raise InputError("a log-scaled knob needs low > 0", file=str(path), field=f"{where}.log")
     if "default" not in spec:
@@ -213,6 +251,9 @@ def load_space(engine_or_path: str) -> SearchSpace:
         raise InputError("missing 'engine' (vllm, sglang, sim)", file=str(path), field="engine")
     merged: dict[str, dict] = {}
     if data.get("extends"):
+        if not isinstance(data["extends"], str):
+            raise InputError(f"must be a file name such as common.yaml, got {data['extends']!r}", file=str(path),
+                             field="extends")
         base_path = (path.parent / data["extends"]).resolve()
         if not base_path.exists():
             base_path = SPACES_DIR / data["extends"]

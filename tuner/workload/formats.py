@@ -22,6 +22,7 @@ FORMATS = ("mooncake", "azure", "native")
 MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_BLOCK_TOKENS = 512
 TOKENS_PER_WORD = 1.3  # estimate of input_tokens when a native line gives only text
+MAX_TOKENS = 10**9  # no prompt or answer is longer; larger counts are typos (and overflow int64 sums)
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 NATIVE_FIELDS = frozenset({"arrival_s", "input_tokens", "output_tokens", "prompt", "messages",
                            "prefix_blocks", "block_tokens", "session_id"})
@@ -106,9 +107,17 @@ def _parse_json(text: str, path: str | Path, line_number: int) -> dict:
     except json.JSONDecodeError as exc:
         raise InputError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=str(path),
                          line=line_number) from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise InputError(f"not usable JSON ({str(exc).split(';')[0]})", file=str(path), line=line_number) from None
     if not isinstance(row, dict):
         raise InputError("expected a JSON object", file=str(path), line=line_number)
     return row
+
+
+def _shown(value: object, width: int = 40) -> str:
+    """A value as JSON, cut short when long."""
+    text = json.dumps(value)
+    return text if len(text) <= width else f"{text[:width]}... ({len(text):,} characters)"
 
 
 class _Line:
@@ -128,12 +137,14 @@ class _Line:
     def count(self, field: str, value: object | None = None) -> int:
         value = self.require(field) if value is None else value
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(field, f"must be a non-negative integer, got {json.dumps(value)}")
-        if value < 0:
-            raise self.error(field, f"must be a non-negative integer, got {value}")
+            raise self.error(field, f"must be a non-negative integer, got {_shown(value)}")
+        if not 0 <= value <= MAX_TOKENS:
+            raise self.error(field, f"must be a non-negative integer up to {MAX_TOKENS:,}, got {_shown(value)}")
         return value
 
     def time(self, field: str, value: object) -> float:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**1000:
+            raise self.error(field, f"must be a number of seconds or ms, got {_shown(value)}")  # beyond a float
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.error(field, f"must be a number, got {json.dumps(value)}")
         if value < 0:
@@ -280,9 +291,8 @@ def _azure_columns(header: list[str], path: str | Path, line_number: int) -> dic
 
 def _csv_int(line: _Line, field: str) -> object:
     text = line.row[field].strip()
-    if text.isascii() and text.isdigit():
-        return int(text)
-    if text.startswith("-") and text[1:].isascii() and text[1:].isdigit():
+    digits = text[1:] if text.startswith("-") else text
+    if digits.isascii() and digits.isdigit() and len(digits) <= 30:  # longer ones: `count` rejects the text
         return int(text)
     return text  # `count` rejects it, quoting the text
 

@@ -1,0 +1,148 @@
+"""The chosen trial in a container: a Kubernetes Deployment + Service, or a `docker run` line.
+
+Official images: `vllm/vllm-openai` (its entrypoint is vLLM's OpenAI API server, so the container
+args are the flags of `vllm serve`) and `lmsysorg/sglang` (no serving entrypoint: the command is
+`python3 -m sglang.launch_server`). The container listens on all its interfaces (a pod must be
+reachable); `docker run` publishes the port on the host's 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import yaml
+
+from tuner.engines import get_engine
+from tuner.errors import InputError
+from tuner.space.constraints import gpus_needed
+from tuner.study.pareto import Point
+
+IMAGES = {"vllm": "vllm/vllm-openai", "sglang": "lmsysorg/sglang"}
+PORTS = {"vllm": 8000, "sglang": 30000}
+HF_CACHE_VOLUME = '-v "$HOME/.cache/huggingface:/root/.cache/huggingface"'  # $HOME expands in the user's shell
+
+
+@dataclass(frozen=True)
+class Container:
+    engine: str
+    name: str  # Kubernetes object and docker container name
+    image: str
+    command: list[str]  # empty: the image's own entrypoint
+    args: list[str]
+    port: int
+    gpus: int
+    model: str
+    study: str
+    trial: int
+
+
+def split_serve_command(point: Point) -> tuple[str, list[str]]:
+    """(model, every flag after it) of a trial's recorded serve command."""
+    program = get_engine(point.engine).display_program()
+    argv = list(point.command)
+    if argv[:len(program)] != program or len(argv) <= len(program):
+        raise InputError(f"trial {point.number} recorded no {point.engine} serve command", field="study")
+    rest = argv[len(program):]
+    if point.engine == "sglang":
+        at = rest.index("--model-path") if "--model-path" in rest else -1
+        if at < 0 or at + 1 >= len(rest):
+            raise InputError(f"trial {point.number}: no --model-path in its command", field="study")
+        return rest[at + 1], rest[:at] + rest[at + 2:]
+    return rest[0], rest[1:]
+
+
+def _without_dummy_weights(flags: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(flags):
+        if flags[i:i + 2] == ["--load-format", "dummy"]:
+            i += 2
+            continue
+        out.append(flags[i])
+        i += 1
+    return out
+
+
+def _dns_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].rstrip("-")
+    return name or "llm-server"
+
+
+def container_for(point: Point, study: optuna.Study, model: str | None = None, image: str | None = None,
+                  name: str | None = None) -> Container:
+    if point.engine not in IMAGES:
+        raise InputError(f"trial {point.number} ran on '{point.engine}', which has no container image; "
+                         "the k8s and docker formats are for vllm and sglang trials", field="format")
+    recorded_model, flags = split_serve_command(point)
+    if model and model != recorded_model:
+        flags = _without_dummy_weights(flags)  # a model shape was tuned; the real model has real weights
+    model = model or recorded_model
+    version = (study.user_attrs.get("engine_versions") or {}).get(point.engine)
+    tag = f"v{version}" if version and version[:1].isdigit() else "latest"
+    port = PORTS[point.engine]
+    if point.engine == "vllm":
+        command: list[str] = []
+        args = ["--model", model, "--port", str(port), *flags]
+    else:
+        command = ["python3", "-m", "sglang.launch_server"]
+        args = ["--model-path", model, "--host", "0.0.0.0", "--port", str(port), *flags]
+    return Container(engine=point.engine, name=_dns_name(name or f"{point.engine}-{Path(model).name}"),
+                     image=image or f"{IMAGES[point.engine]}:{tag}", command=command, args=args, port=port,
+                     gpus=gpus_needed(point.config), model=model, study=study.study_name, trial=point.number)
+
+
+def local_model_note(container: Container) -> str | None:
+    if container.model.startswith(("/", "./", "~")):
+        return (f"note: the model is a local path ({container.model}); pass --model HUB_ID, "
+                "or mount that folder into the container")
+    return None
+
+
+def k8s_manifest(c: Container) -> str:
+    labels = {"app": c.name}
+    container = {
+        "name": "server",
+        "image": c.image,
+        **({"command": c.command} if c.command else {}),
+        "args": c.args,
+        "ports": [{"name": "http", "containerPort": c.port}],
+        "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token",
+                                                                     "optional": True}}}],
+        "resources": {"limits": {"nvidia.com/gpu": c.gpus}},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
+                           "failureThreshold": 3},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": c.name, "labels": {**labels, "servetune/study": _dns_name(c.study),
+                                                "servetune/trial": str(c.trial)}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [container],
+                         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]},
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": c.name, "labels": labels},
+        "spec": {"selector": labels, "ports": [{"name": "http", "port": c.port, "targetPort": "http"}]},
+    }
+    header = (f"# servetune: study {c.study}, trial {c.trial} ({c.engine}); {c.gpus} GPU(s)\n"
+              "# optional: kubectl create secret generic hf-token --from-literal=token=$HF_TOKEN\n")
+    return header + yaml.safe_dump_all([deployment, service], sort_keys=False)
+
+
+def docker_line(c: Container) -> str:
+    head = ["docker", "run", "--rm", "--name", c.name, "--gpus", str(c.gpus), "--ipc=host",
+            "-p", f"127.0.0.1:{c.port}:{c.port}", "-e", "HF_TOKEN"]
+    return f"{shlex.join(head)} {HF_CACHE_VOLUME} {shlex.join([c.image, *c.command, *c.args])}"

@@ -1,0 +1,223 @@
+"""Reports as text: the Markdown file of one study, the console summary, several studies side by side."""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from collections.abc import Sequence
+
+from tuner.report.hypervolume import hypervolume_2d, reference_latency
+from tuner.report.importance import Importances
+from tuner.report.results import StudyResult
+from tuner.study.objectives import THROUGHPUT
+from tuner.study.pareto import Point, front_table
+
+SIMULATED_NOTE = ("> **SIMULATED**: these figures come from servetune's performance model of the GPU, not from a "
+                  "GPU. Confirm a recommendation on real hardware.")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _goodput(result: StudyResult, point: Point) -> str:
+    return _num(result.goodput.get(point.number), 2)
+
+
+def _slo_text(result: StudyResult) -> str:
+    if result.slo is None:
+        return "none"
+    return f"`{result.slo}` ({'given to the report' if result.slo_source == 'report' else 'the study’s own'})"
+
+
+def _recommendation_text(result: StudyResult) -> str:
+    return f"highest throughput{' within the SLO' if result.slo else ''}"
+
+
+def facts_table(result: StudyResult) -> str:
+    trials = (f"{len(result.points)} completed, {len(result.issues)} failed or pruned, "
+              f"{sum(result.rejected.values())} never launched (constraints)"
+              + (f", {result.running} running or queued" if result.running else ""))
+    rows = [
+        ["engine(s)", ", ".join(result.engines) or "?"],
+        ["model", f"`{result.model}`"],
+        ["GPUs", f"{result.gpus} × {result.gpu}"],
+        ["workload", f"`{result.workload}` (sha256 `{result.workload_digest[:12]}`)"],
+        ["objectives", ", ".join([f"{THROUGHPUT} (max)", *(f"{m} (min)" for m in result.objectives.latency)])],
+        ["SLO", _slo_text(result)],
+        ["trials", trials],
+    ]
+    return md_table(["", ""], rows)
+
+
+def front_markdown(result: StudyResult) -> str:
+    shown = result.front + ([result.baseline] if result.baseline and result.baseline not in result.front else [])
+    knobs = result.knobs_that_differ(shown)
+    header = ["trial", "engine", "tok/s", *(f"{m} ms" for m in result.objectives.latency), "goodput req/s",
+              "SLO", *knobs]
+    rows = []
+    for p in shown:
+        rows.append([f"{p.number} (defaults)" if p.baseline else str(p.number), p.engine,
+                     _num(p.value(THROUGHPUT)), *(_num(p.value(m), 1) for m in result.objectives.latency),
+                     _goodput(result, p), "ok" if p.feasible else "miss", *(p.config.get(k, "-") for k in knobs)])
+    note = ("The row marked *(defaults)* is trial 0, the engine's own defaults (the baseline); "
+            "it is shown even when it is not on the front.")
+    return md_table(header, rows) + "\n\n" + note
+
+
+def best_vs_baseline(result: StudyResult) -> str:
+    best, base = result.best, result.baseline
+    if best is None:
+        return "No trial met the SLO: relax it or widen the search space."
+    lines = [f"Trial {best.number} ({_recommendation_text(result)}):", "", "```", shlex.join(best.command), "```"]
+    if base is None:
+        return "\n".join(lines + ["", "The defaults baseline did not complete, so there is nothing to compare with."])
+    ratios = result.ratios()
+    rows = [[f"{m}{'' if m == THROUGHPUT else ' (ms)'}", _num(base.value(m), 1), _num(best.value(m), 1),
+             f"×{ratios[m]:.2f}" if m in ratios else "-"] for m in result.objectives.names]
+    rows.append(["goodput (req/s)", _goodput(result, base), _goodput(result, best),
+                 f"×{ratios['goodput']:.2f}" if "goodput" in ratios else "-"])
+    return "\n".join(lines + ["", md_table(["metric", f"defaults (trial {base.number})", f"best (trial {best.number})",
+                                            "best / defaults"], rows)])
+
+
+def goodput_section(result: StudyResult, top: int = 10) -> str:
+    if result.slo is None:
+        return "No SLO was given to the study or the report (`tune report --slo ttft_p99=800ms,...`)."
+    text = (f"SLO `{result.slo}`. Goodput counts the requests per second that meet every target on their own; "
+            "*SLO* says whether the run's percentiles meet the limits.")
+    if all(g is None for g in result.goodput.values()):
+        return text + "\n\nThe trials' per-request rows are not available here, so goodput under this SLO is unknown."
+    scored = sorted(result.points, key=lambda p: -(result.goodput.get(p.number) or 0.0))[:top]
+    rows = [[f"{p.number}{' (defaults)' if p.baseline else ''}", _goodput(result, p), _num(p.value(THROUGHPUT)),
+             "ok" if p.feasible else "miss"] for p in scored]
+    return text + "\n\n" + md_table(["trial", "goodput req/s", "tok/s", "SLO"], rows)
+
+
+def importance_section(importances: Importances) -> str:
+    if not importances.ok:
+        return importances.note + "."
+    rows = [[name, f"{value:.3f}"] for name, value in importances.values.items()]
+    return (f"For {importances.target} (PED-ANOVA over the sampled trials; the shares sum to 1):\n\n"
+            + md_table(["knob", "importance"], rows) + "\n\n![parameter importances](importance.png)")
+
+
+def issues_section(result: StudyResult) -> str:
+    parts = []
+    if result.issues:
+        rows = [[i.number, i.engine, i.state, i.cause, i.message, f"`{i.last_log_line}`" if i.last_log_line else ""]
+                for i in result.issues]
+        parts.append(md_table(["trial", "engine", "state", "cause", "message", "last log line"], rows))
+    else:
+        parts.append("No trial failed or was pruned.")
+    if result.rejected:
+        total = sum(result.rejected.values())
+        reasons = "\n".join(f"- {count} × {reason}" for reason, count in result.rejected.most_common(5))
+        parts.append(f"{total} proposed configuration(s) never launched (a known constraint, or predicted to "
+                     f"fail from earlier failures):\n\n{reasons}")
+    return "\n\n".join(parts)
+
+
+def study_markdown(result: StudyResult, importances: Importances) -> str:
+    sections = [f"# servetune report: `{result.name}`" + (" (SIMULATED)" if result.simulated else "")]
+    if result.simulated:
+        sections.append(SIMULATED_NOTE)
+    sections += [facts_table(result)]
+    if result.points:
+        sections += ["## Pareto front", front_markdown(result),
+                     "![Pareto front](pareto.png)\n\nInteractive: [pareto.html](pareto.html)",
+                     "## Best point vs the engine's defaults", best_vs_baseline(result),
+                     "## Goodput under the SLO", goodput_section(result)]
+    else:
+        sections.append("**No trial completed**: see the failures below.")
+    sections += ["## Parameter importances", importance_section(importances),
+                 "## Failed and pruned trials", issues_section(result)]
+    return "\n\n".join(sections) + "\n"
+
+
+def front_text(result: StudyResult) -> str:
+    """The front and the baseline as an aligned plain-text table (console, pareto.txt)."""
+    shown = result.front + ([result.baseline] if result.baseline else [])
+    return front_table(result.front, result.objectives, result.baseline, result.knobs_that_differ(shown))
+
+
+def console_text(result: StudyResult, importances: Importances) -> str:
+    """What `tune` prints at the end of a run."""
+    if not result.points:
+        return "no trial completed: see the failures above"
+    lines = ["", f"Pareto front (throughput vs {', '.join(result.objectives.latency)}):", front_text(result)]
+    if result.best is None:
+        lines += ["", "no trial met the SLO; relax it or widen the space"]
+    else:
+        lines += ["", f"recommended (trial {result.best.number}, {_recommendation_text(result)}):",
+                  f"  {shlex.join(result.best.command)}"]
+        ratio = result.ratios().get(THROUGHPUT)
+        if ratio is not None and result.baseline is not None:
+            lines.append(f"  throughput ×{ratio:.2f} vs the engine's defaults (trial {result.baseline.number})")
+    if importances.ok:
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(importances.values.items())[:3])
+        lines += ["", f"knobs that mattered most for {importances.target}: {top}"]
+    if result.issues:
+        causes = ", ".join(f"{c} ×{n}" for c, n in Counter(i.cause for i in result.issues).most_common())
+        lines += ["", f"{len(result.issues)} trial(s) failed ({causes}); causes and log lines in report.md"]
+    return "\n".join(lines)
+
+
+def common_reference(results: list[StudyResult], metric: str) -> tuple[float, float]:
+    """One hypervolume reference for studies compared side by side."""
+    limits = {r.slo_limit_ms(metric) for r in results}
+    limit = limits.pop() if len(limits) == 1 else None
+    return 0.0, reference_latency(limit, [p.value(metric) for r in results for p in r.points])
+
+
+def comparison_markdown(results: list[StudyResult], png_name: str) -> str:
+    metric = results[0].first_latency
+    reference = common_reference(results, metric)
+    volumes = [hypervolume_2d([(p.value(THROUGHPUT), p.value(metric)) for p in r.front], reference) for r in results]
+    largest = max(volumes) or 1.0
+    rows = []
+    for result, volume in zip(results, volumes):
+        best, base = result.best, result.baseline
+        best_good = result.best_goodput()
+        rows.append([f"`{result.name}`", "+".join(result.engines) + (" (SIMULATED)" if result.simulated else ""),
+                     f"{result.gpus} × {result.gpu}", result.model.rsplit("/", 1)[-1],
+                     f"{len(result.points)}/{len(result.issues)}",
+                     _num(best.value(THROUGHPUT)) if best else "-", _num(best.value(metric), 1) if best else "-",
+                     _num(best_good[1], 2) if best_good else "-", _num(base.value(THROUGHPUT)) if base else "-",
+                     f"×{result.ratios()[THROUGHPUT]:.2f}" if THROUGHPUT in result.ratios() else "-",
+                     f"{100 * volume / largest:.0f}%"])
+    slos = {str(r.slo) if r.slo else "none" for r in results}
+    sections = [f"# servetune comparison: {' vs '.join(f'`{r.name}`' for r in results)}"]
+    if any(r.simulated for r in results):
+        sections.append(SIMULATED_NOTE)
+    sections.append(f"SLO: {', '.join(f'`{s}`' for s in sorted(slos))}"
+                    + (" (the studies differ: each is judged against its own)" if len(slos) > 1 else "")
+                    + f". Hypervolume: area under each front in ({THROUGHPUT}, {metric}) up to "
+                      f"{metric} = {reference[1]:,.0f} ms, as a share of the largest.")
+    sections.append(md_table(["study", "engine", "GPUs", "model", "trials ok/failed", "best tok/s", f"best {metric} ms",
+                              "best goodput req/s", "defaults tok/s", "best / defaults", "hypervolume"], rows))
+    sections.append(f"![Pareto fronts]({png_name})")
+    with_best = [r for r in results if r.best is not None]
+    if with_best:
+        top = max(with_best, key=lambda r: r.best.value(THROUGHPUT))
+        sections.append(f"**Highest throughput{' within the SLO' if top.slo else ''}:** `{top.name}` ({top.label}), "
+                        f"trial {top.best.number}, {_num(top.best.value(THROUGHPUT))} tok/s.")
+    with_goodput = [(r, g) for r in results if (g := r.best_goodput()) is not None]
+    if with_goodput:
+        result, (point, value) = max(with_goodput, key=lambda item: item[1][1])
+        sections.append(f"**Highest goodput:** `{result.name}` ({result.label}), trial {point.number}, "
+                        f"{value:.2f} req/s.")
+    sections.append("## Recommended command per study")
+    for result in results:
+        command = f"```\n{shlex.join(result.best.command)}\n```" if result.best else "no trial met the SLO"
+        sections.append(f"**`{result.name}`** ({result.label}):\n\n{command}")
+    return "\n\n".join(sections) + "\n"

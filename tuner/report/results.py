@@ -1,0 +1,189 @@
+"""What a stored study found: its facts, trials judged against an SLO, the front, the pick, the failures."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from tuner.engines.base import FailureClass
+from tuner.export.command import points_under, study_objectives
+from tuner.loadgen.slo import SLO, parse_slo
+from tuner.report.goodput import goodput_under
+from tuner.report.hypervolume import hypervolume_2d, reference_latency
+from tuner.study.objectives import THROUGHPUT, Objectives
+from tuner.study.pareto import Point, pareto_front, pick
+
+# proposals stopped before a server started: a known constraint, or a learned prediction of failure
+NEVER_LAUNCHED = (FailureClass.CONSTRAINT, "predicted_infeasible")
+
+
+@dataclass(frozen=True)
+class TrialIssue:
+    """A trial that did not give a measurement, and why."""
+
+    number: int
+    engine: str
+    state: str  # FAIL or PRUNED
+    cause: str
+    message: str
+    last_log_line: str
+
+
+@dataclass
+class StudyResult:
+    name: str
+    engines: list[str]
+    model: str
+    gpu: str  # GPU kind, "?" where the study did not record it
+    gpus: int
+    workload: str
+    workload_digest: str
+    objectives: Objectives
+    slo: SLO | None
+    slo_source: str  # "study", "report" or "none"
+    points: list[Point]
+    front: list[Point]
+    baseline: Point | None
+    best: Point | None
+    goodput: dict[int, float | None]  # trial number -> goodput under `slo`
+    issues: list[TrialIssue]
+    rejected: Counter  # reason -> proposals that never launched (NEVER_LAUNCHED)
+    running: int
+
+    @property
+    def simulated(self) -> bool:
+        return self.engines == ["sim"]
+
+    @property
+    def label(self) -> str:
+        text = f"{'+'.join(self.engines)} · {self.gpu}×{self.gpus} · {Path(self.model).name or self.model}"
+        return text + (" (SIMULATED)" if self.simulated else "")
+
+    @property
+    def first_latency(self) -> str:
+        return self.objectives.latency[0]
+
+    def knobs_that_differ(self, shown: list[Point]) -> list[str]:
+        return [k for k in dict.fromkeys(k for p in shown for k in p.config)
+                if len({str(p.config.get(k)) for p in shown}) > 1]
+
+    def slo_limit_ms(self, metric: str) -> float | None:
+        for target in self.slo.targets if self.slo else ():
+            if target.name == metric:
+                return target.limit_ms
+        return None
+
+    def reference(self) -> tuple[float, float]:
+        """Hypervolume reference point (throughput, first latency) for this study alone."""
+        return 0.0, reference_latency(self.slo_limit_ms(self.first_latency),
+                                      [p.value(self.first_latency) for p in self.points])
+
+    def front_pairs(self) -> list[tuple[float, float]]:
+        return [(p.value(THROUGHPUT), p.value(self.first_latency)) for p in self.front]
+
+    def hypervolume(self, reference: tuple[float, float] | None = None) -> float:
+        return hypervolume_2d(self.front_pairs(), reference or self.reference())
+
+    def best_goodput(self) -> tuple[Point, float] | None:
+        scored = [(p, g) for p in self.points if (g := self.goodput.get(p.number)) is not None]
+        return max(scored, key=lambda item: item[1]) if scored else None
+
+    def ratios(self) -> dict[str, float]:
+        """best / defaults for throughput, each latency objective and goodput (where both exist)."""
+        if self.best is None or self.baseline is None:
+            return {}
+        out = {}
+        for metric in self.objectives.names:
+            base = self.baseline.value(metric)
+            if base:
+                out[metric] = self.best.value(metric) / base
+        good_best, good_base = self.goodput.get(self.best.number), self.goodput.get(self.baseline.number)
+        if good_best is not None and good_base:
+            out["goodput"] = good_best / good_base
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """The figures worth keeping (MLflow metrics, sweep results)."""
+        out: dict[str, float] = {"trials_completed": len(self.points), "trials_failed": len(self.issues),
+                                 "trials_rejected": sum(self.rejected.values()), "pareto_size": len(self.front)}
+        if self.points:
+            out["hypervolume"] = self.hypervolume()
+        if self.best is not None:
+            out.update(best_trial=self.best.number, best_output_throughput=self.best.value(THROUGHPUT))
+            out[f"best_{self.first_latency}"] = self.best.value(self.first_latency)
+        if self.baseline is not None:
+            out["baseline_output_throughput"] = self.baseline.value(THROUGHPUT)
+        if THROUGHPUT in self.ratios():
+            out["throughput_vs_defaults"] = self.ratios()[THROUGHPUT]
+        if (best_good := self.best_goodput()) is not None:
+            out["best_goodput"] = best_good[1]
+        return out
+
+
+def _gpu_kind(study: optuna.Study, points: list[Point]) -> str:
+    if study.user_attrs.get("gpu"):
+        return str(study.user_attrs["gpu"])
+    for point in points:  # the simulator's command names its GPU
+        if "--gpu" in point.command[:-1]:
+            return point.command[point.command.index("--gpu") + 1]
+    return "?"
+
+
+_ERROR_LINE = re.compile(r"(Error|Exception)\b:|\berror:", re.IGNORECASE)
+
+
+def _telling_line(text: str) -> str:
+    """The log's last error line (an exception, an argparse error), else its last line."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    errors = [line for line in lines if _ERROR_LINE.search(line)]
+    return (errors or lines or [""])[-1][:200]
+
+
+def _issues(study: optuna.Study) -> tuple[list[TrialIssue], Counter, int]:
+    issues, rejected, running = [], Counter(), 0
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+            running += 1
+        elif trial.state in (TrialState.FAIL, TrialState.PRUNED) and attrs.get("failure") in NEVER_LAUNCHED:
+            rejected[attrs.get("message", "")] += 1
+        elif trial.state in (TrialState.FAIL, TrialState.PRUNED):
+            issues.append(TrialIssue(number=trial.number, engine=attrs.get("engine", ""), state=trial.state.name,
+                                     cause=attrs.get("failure", "pruned" if trial.state == TrialState.PRUNED
+                                                     else "unknown"),
+                                     message=attrs.get("message", ""),
+                                     last_log_line=_telling_line(attrs.get("log_tail"))))
+    return issues, rejected, running
+
+
+def load_result(study: optuna.Study, slo: SLO | None = None, run_dir: Path | None = None,
+                prefer: str = "throughput") -> StudyResult:
+    """`slo`: judge against this SLO instead of the study's own. `run_dir`: where the trials' rows lie."""
+    attrs: dict[str, Any] = study.user_attrs
+    source = "report" if slo is not None else "study" if attrs.get("slo") else "none"
+    if slo is None and attrs.get("slo"):
+        slo = parse_slo(attrs["slo"])
+    objectives = study_objectives(study)
+    points = points_under(study, slo)
+    issues, rejected, running = _issues(study)
+    return StudyResult(
+        name=study.study_name, engines=list(attrs.get("engines", [])), model=str(attrs.get("model", "")),
+        gpu=_gpu_kind(study, points), gpus=int(attrs.get("gpus", 0)), workload=str(attrs.get("workload", "")),
+        workload_digest=str(attrs.get("workload_digest", "")), objectives=objectives, slo=slo, slo_source=source,
+        points=points, front=pareto_front(points, objectives), baseline=next((p for p in points if p.baseline), None),
+        best=pick(points, objectives, prefer), goodput={p.number: goodput_under(slo, p, run_dir) for p in points},
+        issues=issues, rejected=rejected, running=running)
+
+
+def record_run_facts(study: optuna.Study, gpu: str | None, engine_versions: dict[str, str]) -> None:
+    """What a later report or export needs and the study does not otherwise keep."""
+    if gpu:
+        study.set_user_attr("gpu", gpu)
+    if engine_versions:
+        study.set_user_attr("engine_versions", dict(engine_versions))

@@ -1,0 +1,1 @@
+"""`tune sweep`: a matrix of studies from a spec, compared with the spec's last run (nightly regressions)."""
