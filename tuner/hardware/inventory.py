@@ -40,6 +40,11 @@ def _as_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _bus_key(bus_id) -> str:
+    """NVML writes PCI domains with 4 or 8 digits depending on the call: compare bus:device.function."""
+    return ":".join(_as_text(bus_id).lower().split(":")[-2:])
+
+
 def detect() -> list[GpuInfo]:
     nvml = _nvml()
     if nvml is None:
@@ -53,11 +58,11 @@ def detect() -> list[GpuInfo]:
             try:
                 if nvml.nvmlDeviceGetNvLinkState(handle, link) != nvml.NVML_FEATURE_ENABLED:
                     continue
-                bus = _as_text(nvml.nvmlDeviceGetNvLinkRemotePciInfo_v2(handle, link).busId)
+                bus = _bus_key(nvml.nvmlDeviceGetNvLinkRemotePciInfo_v2(handle, link).busId)
             except Exception:
                 break
             for other, other_handle in enumerate(handles):
-                if other != index and _as_text(nvml.nvmlDeviceGetPciInfo(other_handle).busId) == bus:
+                if other != index and _bus_key(nvml.nvmlDeviceGetPciInfo(other_handle).busId) == bus:
                     peers.append(other)
         gpus.append(GpuInfo(index=index, name=_as_text(nvml.nvmlDeviceGetName(handle)),
                             memory_mib=nvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20,

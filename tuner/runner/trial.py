@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from tuner.space.knobs import SearchSpace
 from tuner.workload.request import TraceRequest
 
 MAX_FAILED_FRACTION = 0.5  # more failed requests than this fails the trial
+EXIT_GRACE_S = 5.0  # a server whose engine died exits this soon after its requests failed
 
 
 @dataclass
@@ -93,10 +95,34 @@ class _HangWatch:
         return self.hung
 
 
+def _wait_exit(server: ManagedServer, timeout_s: float) -> None:
+    try:
+        server.process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def scrub_secret(path: Path, secret: str | None) -> None:
+    """Replace `secret` in a log file (engines print their arguments, an API key among them)."""
+    if not secret or not path.exists():
+        return
+    needle, changed = secret.encode(), False
+    scrubbed = path.with_name(path.name + ".scrub")
+    with open(path, "rb") as source, open(scrubbed, "wb") as target:
+        for line in source:
+            if needle in line:
+                line, changed = line.replace(needle, b"***"), True
+            target.write(line)
+    if changed:
+        os.replace(scrubbed, path)
+    else:
+        scrubbed.unlink()
+
+
 def execute_trial(spec: TrialSpec) -> TrialOutcome:
     engine = get_engine(spec.engine)
     port = free_port(spec.launch.host)
-    launch = Launch(**{**spec.launch.__dict__, "port": port, "api_key": secrets.token_urlsafe(24)})
+    launch = Launch(**{**spec.launch.__dict__, "port": port, "api_key": secrets.token_hex(24)})
     server_spec = engine.server_spec(launch, spec.space, vocab_size=spec.vocab_size)
     outcome = TrialOutcome(number=spec.number, ok=False, command=engine.serve_command(launch, spec.space),
                            started_at=time.time(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
@@ -115,24 +141,29 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
                              vocab_size=spec.vocab_size, timeout_s=spec.request_timeout_s,
                              warmup_requests=spec.warmup_requests, slo=spec.slo)
         result = run_bench_sync(config, spec.requests, on_progress=hang)
-        outcome.engine_metrics = engine.engine_metrics(_scrape(server_spec.url, server_spec.api_key))
+        if not hang.hung:  # a hung server would keep the scrape waiting for its timeout
+            outcome.engine_metrics = engine.engine_metrics(_scrape(server_spec.url, server_spec.api_key))
         outcome.rows_csv, outcome.summary_json = (str(p) for p in write_results(result, trial_dir))
         outcome.summary = result.summary.to_dict()
         failed = outcome.summary.get("failed", 0)
         total = failed + outcome.summary.get("completed", 0)
+        requests_failed = total == 0 or failed / total > MAX_FAILED_FRACTION
+        if requests_failed and not hang.hung:
+            _wait_exit(server, EXIT_GRACE_S)  # failed requests and a dying server: a crash, not bad requests
         if not server.alive():
             raise ServerFailed(FailureClass.CRASH, f"server exited with code {server.process.returncode} "
                                                    "during the replay")
         if hang.hung:
             raise ServerFailed(FailureClass.HANG, f"no request finished for {spec.hang_timeout_s:.0f} s "
                                                   "while the server was alive")
-        if total == 0 or failed / total > MAX_FAILED_FRACTION:
+        if requests_failed:
             raise ServerFailed(FailureClass.REQUEST_ERRORS, f"{failed} of {total} requests failed")
         outcome.ok = True
     except ServerFailed as exc:
         outcome.failure, outcome.message = exc.failure, exc.message
     finally:
         exit_code = server.stop()
+        scrub_secret(server.log_path, launch.api_key)
         outcome.port_released = server.wait_port_released(launch.host, port)
         if memory_before:
             outcome.gpu_memory_released = wait_memory_back(memory_before)

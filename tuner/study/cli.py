@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shlex
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -40,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="context length given to every server (default: the workload's longest request)")
     m.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to be ready")
     m.add_argument("--sim-time-scale", type=float, default=10.0, help="simulator clock speed-up")
+    m.add_argument("--host", default="127.0.0.1",
+                   help="address trial servers bind (default 127.0.0.1: not reachable from other machines)")
     s = parser.add_argument_group("search")
     s.add_argument("--trials", type=int, default=None, help="trials in all, the defaults baseline included")
     s.add_argument("--budget", default=None, help="wall-clock budget, e.g. 90m or 2h")
@@ -54,10 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("results")
     r.add_argument("--study-name", default=None, help="same name resumes (default: from engine, model, trace)")
     r.add_argument("--out", default=str(DEFAULT_OUT), help="directory for logs, plots and the default stores")
-    r.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite file under --out)")
+    r.add_argument("--storage", default=None,
+                   help="Optuna storage: an RDB URL (sqlite:///F, postgresql://U:P@HOST/DB) or journal:///SHARED/FILE "
+                        "(default: SQLite file under --out)")
     r.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: SQLite file under --out)")
     r.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    r.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    r.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (auto or HOST:PORT) instead of starting one; trials run on its nodes")
     r.add_argument("--quiet", action="store_true")
 
 
@@ -65,7 +72,31 @@ def parse_duration(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*", text)
     if not match:
         raise InputError(f"expected a duration like 90m or 2h, got '{text}'", field="budget")
-    return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 60}[match.group(2)]
+    seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 60}[match.group(2)]
+    if not seconds > 0:
+        raise InputError(f"must be positive, got '{text}'", field="budget")
+    return seconds
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Values a server or the replay would refuse in every trial, refused before anything starts."""
+    for name in ("max_model_len", "concurrency", "max_concurrency"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"must be at least 1, got {value}", field=name.replace("_", "-"))
+    for name in ("sim_time_scale", "startup_timeout"):
+        value = getattr(args, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise InputError(f"must be a positive number, got {value}", field=name.replace("_", "-"))
+
+
+def check_host(host: str) -> str:
+    """An IPv4 address or a name that resolves to one (the runner probes ports over IPv4)."""
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise InputError(f"{host!r} is not an IPv4 address or a resolvable host name", field="host") from None
+    return host
 
 
 def _has_gpu() -> bool:
@@ -82,6 +113,8 @@ def resolve_engines(text: str) -> list[str]:
     if text == "auto":
         return ["vllm"] if _has_gpu() and shutil.which("vllm") else ["sim"]
     engines = [e.strip() for e in text.split(",") if e.strip()]
+    if not engines:
+        raise InputError("name an engine: vllm, sglang, sim, vllm,sglang or auto", field="engine")
     for engine in engines:
         if engine not in ("vllm", "sglang", "sim"):
             raise InputError(f"unknown engine '{engine}' (vllm, sglang, sim, auto)", field="engine")
@@ -96,8 +129,10 @@ def run(args: argparse.Namespace) -> int:
     from tuner.workload.transform import load_workload, trace_digest
 
     engines = resolve_engines(args.engine)
+    host = check_host(args.host)
     if args.gpus < 1:
         raise InputError("must be at least 1", field="gpus")
+    check_numbers(args)
     objectives = Objectives.parse(args.latency)
     slo = parse_slo(args.slo) if args.slo else None
     budget = parse_duration(args.budget) if args.budget else None
@@ -110,8 +145,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("no requests left after slicing", file=str(workload))
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    engine_args = [word for item in args.engine_arg for word in shlex.split(item)]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the directory: {exc.strerror}", file=str(out), field="out") from None
+    try:
+        engine_args = [word for item in args.engine_arg for word in shlex.split(item)]
+    except ValueError as exc:
+        raise InputError(f"{exc} in {args.engine_arg}", field="engine-arg") from None
     model = args.model
     if engines == ["sim"]:
         shape = get_shape(args.model_shape or args.model or "llama-3.1-8b")
@@ -156,12 +197,15 @@ def run(args: argparse.Namespace) -> int:
         study_name=study_name, storage=args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}",
         out_dir=out, mlflow_uri=None if args.no_mlflow else (args.mlflow_uri or
                                                               f"sqlite:///{(out / 'mlflow.db').resolve()}"),
-        ray_address=args.ray_address, space_path=args.space, fix=args.fix, exclude=args.exclude,
+        ray_address=args.ray_address, host=host, space_path=args.space, fix=args.fix, exclude=args.exclude,
         endpoint=args.endpoint, concurrency=args.concurrency, max_concurrency=args.max_concurrency,
         sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout,
         engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet)
     tuner = Tuner(options)
+    if host not in ("127.0.0.1", "localhost"):
+        print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "
+              "its own random API key", file=sys.stderr)
     study = tuner.run()
     tuner.report(study)
     print(f"\nexport again with: tune export --study {study_name} --storage {options.storage}")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import random
-import shlex
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -21,15 +20,27 @@ from tuner.errors import InputError
 from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO
 from tuner.models.shapes import ModelShape
+from tuner.runner.campaign import Campaign, TrialSpan, gantt_png
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
 from tuner.space.knobs import SearchSpace, load_space
+from tuner.report.results import record_run_facts
 from tuner.study.objectives import Objectives, slo_constraints
-from tuner.study.pareto import completed_points, front_table, pareto_front, pick
+from tuner.study.pareto import completed_points, pick
 from tuner.study.sampling import baseline_params, suggest_config
+from tuner.study.storage import cluster_notes, open_storage
 from tuner.workload.request import TraceRequest
 
+if TYPE_CHECKING:
+    from tuner.runner.pool import Finished, TrialPool
+
 MAX_REJECTED_PER_TRIAL = 50
+# Packing (Tuner.run): up to LOOKAHEAD_PER_GPU × GPUs proposals wait for GPUs while later, smaller ones
+# use the idle GPUs; one that PASS_OVER_PER_GPU × GPUs launches have passed then holds GPUs back until
+# it fits. Twice the GPUs for both came out best for equal-length trials of 1 to 8 GPUs on 8 GPUs in
+# a model of the loop: smaller values drain GPUs for large trials more often.
+LOOKAHEAD_PER_GPU = 2
+PASS_OVER_PER_GPU = 2
 
 
 @dataclass
@@ -53,6 +64,7 @@ class TuneOptions:
     out_dir: Path = Path("servetune-runs")
     mlflow_uri: str | None = None
     ray_address: str | None = None
+    host: str = "127.0.0.1"  # the address trial servers bind
     space_path: str | None = None
     fix: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
@@ -133,9 +145,11 @@ def make_sampler(name: str, parallel: bool, seed: int | None,
 
 
 def _finished(study: optuna.Study) -> int:
-    """Trials that ran to an end (completed or failed on a server): not rejected, not interrupted."""
+    """Trials that ran to an end (completed or failed on a server): not rejected, not interrupted, not
+    lost and queued again."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-               if t.user_attrs.get("failure") not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED))
+               if t.user_attrs.get("failure") not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)
+               and not t.user_attrs.get("requeued"))
 
 
 def _recover_interrupted(study: optuna.Study) -> int:
@@ -150,12 +164,26 @@ def _recover_interrupted(study: optuna.Study) -> int:
     return count
 
 
+@dataclass
+class _Proposal:
+    """A configuration Optuna proposed that waits for enough GPUs on one node."""
+
+    number: int
+    engine: str
+    config: dict[str, Any]
+    baseline: bool
+    need: int
+    passed_over: int = 0
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Tuner:
+    lookahead: int | None = None  # proposals that may wait for GPUs; 1 = strict order (no packing)
+
     def __init__(self, options: TuneOptions) -> None:
         self.options = options
         self.spaces = build_spaces(options)
@@ -177,6 +205,7 @@ class Tuner:
         adapter = get_engine(engine)
         help_argv = adapter.help_argv(self.options.engine_python)
         if help_argv is None:
+            self.engine_versions[engine] = adapter.version(self.options.engine_python)
             return
         version = adapter.version(self.options.engine_python)
         if version == "unknown":
@@ -190,7 +219,7 @@ class Tuner:
     def open_study(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         parallel = self.options.gpus > 1
-        study = optuna.create_study(study_name=self.options.study_name, storage=self.options.storage,
+        study = optuna.create_study(study_name=self.options.study_name, storage=open_storage(self.options.storage),
                                     directions=self.options.objectives.directions, load_if_exists=True,
                                     sampler=make_sampler(self.options.sampler, parallel, self.options.seed, self.spaces))
         if study.trials and self.options.seed is not None:
@@ -208,6 +237,7 @@ class Tuner:
                  "spaces": {e: s.source for e, s in self.spaces.items()}}
         for key, value in attrs.items():
             study.set_user_attr(key, value)
+        record_run_facts(study, self.options.gpu, self.engine_versions)
         recovered = _recover_interrupted(study)
         if recovered:
             self.say(f"resuming: {recovered} interrupted trial(s) will run again")
@@ -242,7 +272,7 @@ class Tuner:
     # --- trials ------------------------------------------------------------------------------
     def _trial_spec(self, number: int, engine: str, config: dict[str, Any], baseline: bool) -> TrialSpec:
         o = self.options
-        launch = Launch(config=config, model=o.model, baseline=baseline, gpu=o.gpu or "h100",
+        launch = Launch(config=config, model=o.model, baseline=baseline, host=o.host, gpu=o.gpu or "h100",
                         time_scale=o.sim_time_scale, python=sys.executable if engine == "sim" else o.engine_python,
                         extra_args=tuple(o.engine_args), extra_env=tuple(o.engine_env))
         return TrialSpec(number=number, engine=engine, space=self.spaces[engine], launch=launch,
@@ -257,9 +287,9 @@ class Tuner:
         trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
         storage = study._storage
         self.measured += 1
-        if outcome is None:
+        if outcome is None:  # the trial raised inside its actor (a lost actor goes through _record_lost)
             outcome = TrialOutcome(number=number, ok=False, command=[], failure=FailureClass.CRASH,
-                                   message=f"trial actor lost: {error}")
+                                   message=f"trial raised in its actor: {error}")
         self.trial_wall.append(outcome.ended_at - outcome.started_at)
         storage.set_trial_user_attr(trial_id, "command", outcome.command)
         storage.set_trial_user_attr(trial_id, "wall_s", round(outcome.ended_at - outcome.started_at, 2))
@@ -302,13 +332,15 @@ class Tuner:
     def run(self) -> optuna.Study:
         from tuner.runner.pool import TrialPool, init_ray
 
+
         o = self.options
         study = self.open_study()
         total = o.trials or 0
         if o.mlflow_uri:
             from tuner.tracking.mlflow_log import StudyTracker
 
-            self.tracker = StudyTracker(o.mlflow_uri, "servetune", o.study_name)
+            self.tracker = StudyTracker(o.mlflow_uri, "servetune", o.study_name,
+                                        self.run_dir / "mlflow-buffer.jsonl", say=self.say)
             self.tracker.log_study({"workload": o.workload, "model": o.model, "engines": ",".join(o.engines),
                                     "gpus": o.gpus, "objectives": ",".join(o.objectives.names),
                                     "slo": str(o.slo) if o.slo else "", "sampler": o.sampler,
@@ -319,80 +351,176 @@ class Tuner:
         if o.trials is not None and already >= o.trials:
             self.say(f"study '{o.study_name}' already has {already} finished trials (asked for {o.trials})")
             return study
+        if o.ray_address:
+            for note in cluster_notes(o.storage, o.mlflow_uri):
+                self.say(f"note: {note}")
         init_ray(o.ray_address, o.gpus)
-        pool = TrialPool(o.gpus)
+        pool = TrialPool(o.gpus, shared_cluster=bool(o.ray_address), name_prefix=f"servetune:{o.study_name}")
+        if pool.total_gpus < 1:
+            raise InputError(f"the Ray cluster at {o.ray_address} has no GPU", field="ray-address")
+        if pool.total_gpus < o.gpus:
+            self.say(f"note: the Ray cluster has {pool.total_gpus} GPU(s); using those, not {o.gpus}")
+        pending: list[_Proposal] = []  # asked, waiting for GPUs on one node
+        lookahead = self.lookahead or max(2, LOOKAHEAD_PER_GPU * pool.total_gpus)
+        self.pass_over_limit = max(4, PASS_OVER_PER_GPU * pool.total_gpus)
         rejected = 0
         deadline = self.started + o.budget_s if o.budget_s else None
         self.say(f"study '{o.study_name}': {already} trials done, running up to "
-                 f"{(o.trials or 0) - already if o.trials else 'unbounded'} more on {o.gpus} GPU(s), "
+                 f"{(o.trials or 0) - already if o.trials else 'unbounded'} more on {pool.total_gpus} GPU(s)"
+                 f"{f' of {len(pool.node_gpus)} nodes' if len(pool.node_gpus) > 1 else ''}, "
                  f"engine(s) {', '.join(o.engines)}{' (SIMULATED)' if o.engines == ['sim'] else ''}")
+        self.campaign = Campaign(gpus=pool.total_gpus, started_at=time.time())
         try:
             while True:
+                self._launch_fitting(study, pending, pool)
                 out_of_time = deadline is not None and time.monotonic() >= deadline
-                enough = o.trials is not None and _finished(study) + len(pool) >= o.trials
-                if out_of_time or enough or rejected > MAX_REJECTED_PER_TRIAL * max(1, o.trials or 1):
+                if out_of_time and pending:
+                    self._put_back(study, pending)
+                wanted = not out_of_time and rejected <= MAX_REJECTED_PER_TRIAL * max(1, o.trials or 1) and (
+                    o.trials is None or _finished(study) + len(pool) + len(pending) < o.trials)
+                reserved = any(p.passed_over >= self.pass_over_limit for p in pending)
+                if wanted and pool.free_gpus > 0 and len(pending) < lookahead and not reserved:
+                    proposal = self._propose(study, pool.largest_node)
+                    if proposal is None:
+                        rejected += 1
+                    else:
+                        pending.append(proposal)
+                    continue
+                if not wanted and not pending and not len(pool):
                     break
-                if pool.free_gpus <= 0:
-                    self._record(study, *pool.wait_one(), total)
-                    continue
-                trial = study.ask()
-                baseline = bool(trial.user_attrs.get("baseline"))
-                engine, config = suggest_config(trial, self.spaces, baseline)
-                trial.set_user_attr("engine", engine)
-                trial.set_user_attr("config", config)
-                reasons = violations(config, self.context)
-                if reasons:
-                    trial.set_user_attr("failure", FailureClass.CONSTRAINT)
-                    trial.set_user_attr("message", "; ".join(reasons))
-                    study.tell(trial, state=TrialState.FAIL)
-                    rejected += 1
-                    continue
-                need = gpus_needed(config)
-                while pool.free_gpus < need:
-                    self._record(study, *pool.wait_one(), total)
-                pool.submit(self._trial_spec(trial.number, engine, config, baseline), need)
-            while len(pool):
-                self._record(study, *pool.wait_one(), total)
+                self._collect(study, pool, pending, total)
         finally:
+            pool.close()
             if rejected:
                 self.say(f"{rejected} proposed configuration(s) broke a known constraint and never launched")
+        self._report_campaign()
         return study
+
+    def _propose(self, study: optuna.Study, largest_node: int) -> _Proposal | None:
+        """Ask Optuna for a configuration; None when a known constraint rejects it (recorded as such)."""
+        trial = study.ask()
+        baseline = bool(trial.user_attrs.get("baseline"))
+        engine, config = suggest_config(trial, self.spaces, baseline)
+        trial.set_user_attr("engine", engine)
+        trial.set_user_attr("config", config)
+        need = gpus_needed(config)
+        reasons = violations(config, self.context)
+        if not reasons and need > largest_node:
+            reasons = [f"TP×PP×DP = {need} GPUs must share one node; the largest node has {largest_node}"]
+        if reasons:
+            trial.set_user_attr("failure", FailureClass.CONSTRAINT)
+            trial.set_user_attr("message", "; ".join(reasons))
+            study.tell(trial, state=TrialState.FAIL)
+            return None
+        return _Proposal(trial.number, engine, config, baseline, need)
+
+    def _launch_fitting(self, study: optuna.Study, pending: list[_Proposal], pool: TrialPool) -> None:
+        """Launch, oldest first, every pending proposal that fits now. One that smaller ones passed over
+        `pass_over_limit` times holds back those behind it until it fits, so a large trial is not starved."""
+        waiting: list[_Proposal] = []
+        for proposal in list(pending):
+            if any(w.passed_over >= self.pass_over_limit for w in waiting):
+                break
+            if pool.fits(proposal.need):
+                study._storage.set_trial_user_attr(study._storage.get_trial_id_from_study_id_trial_number(
+                    study._study_id, proposal.number), "launched_at", time.time())
+                pool.submit(self._trial_spec(proposal.number, proposal.engine, proposal.config, proposal.baseline),
+                            proposal.need)
+                pending.remove(proposal)
+                for w in waiting:
+                    w.passed_over += 1
+            else:
+                waiting.append(proposal)
+
+    def _put_back(self, study: optuna.Study, pending: list[_Proposal]) -> None:
+        """Out of time: proposals never launched are marked interrupted and queued for a resumed run."""
+        for proposal in pending:
+            trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, proposal.number))
+            study._storage.set_trial_user_attr(trial._trial_id, "failure", FailureClass.INTERRUPTED)
+            study.tell(proposal.number, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"baseline": True} if proposal.baseline else {},
+                                skip_if_exists=False)
+        pending.clear()
+
+    def _collect(self, study: optuna.Study, pool: TrialPool, pending: list[_Proposal], total: int) -> None:
+        """Record the next trial to finish; with none of ours running, wait for GPUs others hold."""
+        if not len(pool):
+            if not pool.wait_for_room(min((p.need for p in pending), default=1)):
+                self.say("waiting for GPUs that other jobs on the Ray cluster hold")
+            return
+        finished = pool.wait_one(timeout_s=5.0 if pool.shared_cluster else None)
+        if finished is None:
+            return
+        self._record_placement(study, finished)
+        if finished.lost:
+            self._record_lost(study, finished, total)
+        else:
+            self._record(study, finished.spec, finished.outcome, finished.error, total)
+
+    def _record_placement(self, study: optuna.Study, finished: Finished) -> None:
+        """Where and when the trial ran (user attrs, and a span of this campaign's schedule)."""
+        spec, outcome, where = finished.spec, finished.outcome, finished.placement
+        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, spec.number)
+        gpus = gpus_needed(spec.launch.config)
+        attrs: dict[str, Any] = {"gpus": gpus, "node": finished.node_id or (where.node_id if where else "")}
+        if where is not None:
+            attrs.update(gpu_ids=list(where.gpu_ids), cuda_visible_devices=where.cuda_visible_devices,
+                         nvlink=where.nvlink)
+        if outcome is not None:
+            clock = get_engine(spec.engine).server_spec(spec.launch, spec.space).clock_scale
+            measure_s = (outcome.summary.get("duration_s") or 0.0) / clock
+            attrs.update(started_at=outcome.started_at, ended_at=outcome.ended_at, measure_s=round(measure_s, 3))
+            self.campaign.spans.append(TrialSpan(
+                number=spec.number, gpus=gpus, gpu_ids=where.gpu_ids if where else (), node_id=attrs["node"],
+                started_at=outcome.started_at, ready_s=outcome.ready_s, measure_s=measure_s,
+                ended_at=outcome.ended_at, ok=outcome.ok))
+        for key, value in attrs.items():
+            study._storage.set_trial_user_attr(trial_id, key, value)
+
+    def _record_lost(self, study: optuna.Study, finished: Finished, total: int) -> None:
+        """The actor or its node died mid-trial: fail the trial with the cause and queue its configuration
+        once more (Ray places it again, elsewhere if the node is gone); a second loss stays failed."""
+        spec = finished.spec
+        storage = study._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, spec.number)
+        trial = storage.get_trial(trial_id)
+        again = "requeued_from" not in trial.user_attrs
+        if again:
+            storage.set_trial_user_attr(trial_id, "requeued", True)
+            study.enqueue_trial(trial.params, skip_if_exists=False, user_attrs={
+                "requeued_from": spec.number, **({"baseline": True} if trial.user_attrs.get("baseline") else {})})
+        reaped = f"; killed {len(finished.reaped)} leftover server process(es)" if finished.reaped else ""
+        message = (f"trial actor lost ({finished.error}){reaped}; "
+                   + ("its configuration is queued to run again" if again else "lost twice, not retried"))
+        from tuner.runner.pool import LOST
+
+        outcome = TrialOutcome(number=spec.number, ok=False, command=[], failure=LOST, message=message)
+        self._record(study, spec, outcome, finished.error, total)
+
+    def _report_campaign(self) -> None:
+        campaign = self.campaign
+        if not campaign.spans:
+            return
+        campaign.ended_at = max(time.time(), max(s.ended_at for s in campaign.spans))
+        campaign.write_json(self.run_dir / "campaign.json")
+        title = f"{self.options.study_name}: schedule of {len(campaign.spans)} trials on {campaign.gpus} GPU(s)"
+        png = gantt_png(campaign, self.run_dir / "schedule.png", title)
+        s = campaign.summary()
+        self.say(f"\ncampaign: {s['trials']} trials in {_fmt_duration(s['wall_s'])} on {s['gpus']} GPU(s); "
+                 f"GPU utilisation {s['utilisation']:.2f} (measuring / held), GPUs inside trials "
+                 f"{s['packing']:.2f}; schedule: {png}")
 
     # --- results -----------------------------------------------------------------------------
     def report(self, study: optuna.Study) -> dict[str, Any]:
-        o = self.options
-        points = completed_points(study)
-        if not points:
-            self.say("no trial completed: see the failures above")
-            return {}
-        front = pareto_front(points, o.objectives)
-        baseline = next((p for p in points if p.baseline), None)
-        shown = front + ([baseline] if baseline else [])
-        knobs = [k for k in dict.fromkeys(k for p in shown for k in p.config)
-                 if len({str(p.config.get(k)) for p in shown}) > 1]  # the knobs that tell the points apart
-        table = front_table(front, o.objectives, baseline, knobs)
-        self.say("\nPareto front (throughput vs " + ", ".join(o.objectives.latency) + "):\n" + table)
-        from tuner.tracking.plots import pareto_html, pareto_png
+        """The study's report (tuner.report): printed, written beside the trials, logged to MLflow."""
+        from tuner.report.write import write_study_report
 
-        title = f"{o.study_name}: {', '.join(o.engines)}{' (SIMULATED)' if o.engines == ['sim'] else ''}"
-        png = pareto_png(points, front, o.objectives, self.run_dir / "pareto.png", title)
-        html = pareto_html(points, front, o.objectives, self.run_dir / "pareto.html", title)
-        (self.run_dir / "pareto.txt").write_text(table + "\n")
-        best = pick(points, o.objectives)
-        summary: dict[str, Any] = {"trials_completed": len(points), "pareto_size": len(front)}
-        if best is not None:
-            summary.update(best_trial=best.number, best_output_throughput=best.value("output_throughput"))
-            command = shlex.join(best.command)
-            self.say(f"\nrecommended (trial {best.number}, highest throughput"
-                     f"{' within the SLO' if o.slo else ''}):\n  {command}")
-            if baseline is not None:
-                ratio = best.value("output_throughput") / max(baseline.value("output_throughput"), 1e-9)
-                summary["throughput_vs_defaults"] = ratio
-                self.say(f"  throughput ×{ratio:.2f} vs the engine's defaults (trial {baseline.number})")
-        else:
-            self.say("\nno trial met the SLO; relax it or widen the space")
-        self.say(f"\nplots: {png}  {html}")
+        report = write_study_report(study, self.run_dir, run_dir=self.run_dir)
+        self.say(report.console)
+        if report.result.points:
+            self.say(f"\nreport: {report.files[0]}\nplots: {'  '.join(str(f) for f in report.files[1:])}")
         if self.tracker is not None:
-            self.tracker.log_study_artifacts([png, html, self.run_dir / "pareto.txt"], summary)
+            self.tracker.log_study_artifacts(report.files, report.metrics)
             self.tracker.finish()
-        return summary
+        return report.metrics
