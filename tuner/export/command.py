@@ -16,11 +16,14 @@ from tuner.study.pareto import Point, completed_points, pick
 
 
 def load_study(name: str, storage: str) -> optuna.Study:
+    from tuner.study.storage import open_storage
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    opened = open_storage(storage)
     try:
-        return optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=opened)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
         raise InputError(f"no study named '{name}' in {storage} (studies: {', '.join(names) or 'none'})",
                          field="study") from None
 
