@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class Engine(ABC):
     """An engine adapter. Subclasses know one engine and nothing about any other."""
 
     name: str = ""
+    package: str = ""  # the Python package the engine ships as, asked for its version
     metrics_prefix: str = ""
     failure_patterns: list[FailurePattern] = field(default_factory=list)
 
@@ -93,7 +95,15 @@ class Engine(ABC):
         return dict(launch.extra_env)
 
     def version(self, python: str = sys.executable) -> str:
-        return "unknown"
+        """The installed engine's version, asked of the interpreter that will run it."""
+        if not self.package:
+            return "unknown"
+        code = f"import {self.package}; print({self.package}.__version__)"
+        try:
+            out = subprocess.run([python or "python3", "-c", code], capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        return out.stdout.strip() or "unknown"
 
     def help_argv(self, python: str) -> list[str] | None:
         """The command that lists every flag of the installed version (None: nothing to probe)."""

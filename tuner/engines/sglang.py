@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass, field
 
 from tuner.engines.base import Engine, FailureClass, Launch, patterns
@@ -11,6 +10,7 @@ from tuner.engines.base import Engine, FailureClass, Launch, patterns
 @dataclass
 class SglangEngine(Engine):
     name: str = "sglang"
+    package: str = "sglang"
     metrics_prefix: str = "sglang:"
     failure_patterns: list = field(default_factory=lambda: patterns(
         (FailureClass.OOM_STARTUP, r"Not enough memory\. Please try to increase --mem-fraction-static|"
@@ -35,11 +35,3 @@ class SglangEngine(Engine):
     def connection_args(self, launch: Launch) -> list[str]:
         args = super().connection_args(launch)
         return args + (["--api-key", launch.api_key] if launch.api_key else [])
-
-    def version(self, python: str = "") -> str:
-        try:
-            out = subprocess.run([python or "python3", "-c", "import sglang; print(sglang.__version__)"],
-                                 capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired):
-            return "unknown"
-        return out.stdout.strip() or "unknown"

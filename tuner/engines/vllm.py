@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass, field
 
 from tuner.engines.base import Engine, FailureClass, Launch, patterns
@@ -11,6 +10,7 @@ from tuner.engines.base import Engine, FailureClass, Launch, patterns
 @dataclass
 class VllmEngine(Engine):
     name: str = "vllm"
+    package: str = "vllm"
     metrics_prefix: str = "vllm:"
     failure_patterns: list = field(default_factory=lambda: patterns(
         (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|is less than desired GPU memory "
@@ -42,11 +42,3 @@ class VllmEngine(Engine):
         if launch.api_key:
             env["VLLM_API_KEY"] = launch.api_key  # not on argv, where `ps` would show it
         return env
-
-    def version(self, python: str = "") -> str:
-        try:
-            out = subprocess.run([python or "python3", "-c", "import vllm; print(vllm.__version__)"],
-                                 capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired):
-            return "unknown"
-        return out.stdout.strip() or "unknown"

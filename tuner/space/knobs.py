@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from tuner.errors import InputError
+from tuner.yamlfile import read_yaml
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KNOB_TYPES = ("int", "float", "categorical", "bool")
@@ -138,16 +138,7 @@ class SearchSpace:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read search space: {exc.strerror}", file=str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise InputError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=str(path),
-                         line=None if line is None else line + 1) from None
+    _, data = read_yaml(path, "search space")
     if not isinstance(data, dict) or not isinstance(data.get("knobs"), dict):
         raise InputError("expected a mapping with a 'knobs' mapping", file=str(path), field="knobs")
     return data

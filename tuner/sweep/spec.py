@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from tuner.errors import InputError
+from tuner.yamlfile import read_yaml
 from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO, parse_slo
 from tuner.models.shapes import get_shape
@@ -156,16 +157,7 @@ def _sampler(value: Any) -> str:
 
 def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read sweep spec: {exc.strerror}", file=str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise InputError(f"invalid YAML: {getattr(exc, 'problem', exc)}", file=str(path),
-                         line=None if line is None else line + 1) from None
+    text, data = read_yaml(path, "sweep spec")
     where = _Located(path, text)
     if not isinstance(data, dict):
         raise InputError("expected a mapping with 'name' and 'matrix'", file=str(path))
