@@ -332,7 +332,6 @@ class Tuner:
     def run(self) -> optuna.Study:
         from tuner.runner.pool import TrialPool, init_ray
 
-
         o = self.options
         study = self.open_study()
         total = o.trials or 0
