@@ -128,3 +128,29 @@ def test_resumed_seeded_study_does_not_repeat_its_first_proposals(tmp_path):
     study = load_study("seeded", _storage(tmp_path))
     configs = [tuple(sorted(t.params.items())) for t in study.trials if t.params]
     assert len(configs) == len(set(configs))
+
+
+FAILING_REGION = """\
+engine: sim
+extends: common.yaml
+knobs:
+  gpu_memory_utilization: {flag: --gpu-memory-utilization, type: categorical, choices: [0.15, 0.9], default: 0.92}
+  max_num_seqs: {flag: --max-num-seqs, type: categorical, choices: [64, 128], default: 1024}
+"""
+
+
+def test_a_failing_region_is_learnt_and_not_launched_again(tmp_path, capsys):
+    # 16 GB of Llama-3.1-8B weights do not fit 15 % of an H100: those launches fail at start-up
+    space = tmp_path / "space.yaml"
+    space.write_text(FAILING_REGION)
+    assert _tune(tmp_path, "--trials", "8", "--no-mlflow", "--sampler", "random", "--space", str(space),
+                 "--gpus", "1", name="region") == 0
+    assert "launch(es) avoided" in capsys.readouterr().out
+    study = load_study("region", _storage(tmp_path))
+    failed = [t for t in study.trials if t.user_attrs.get("failure") == FailureClass.OOM_STARTUP]
+    avoided = [t for t in study.trials if t.user_attrs.get("failure") == "predicted_infeasible"]
+    assert len(failed) >= 2 and avoided
+    assert all(t.user_attrs["config"]["gpu_memory_utilization"] == 0.15 for t in failed + avoided)
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in avoided)
+    run_dir = tmp_path / "runs" / "region"
+    assert not any((run_dir / f"trial-{t.number:04d}").exists() for t in avoided)  # never launched

@@ -25,6 +25,7 @@ from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
 from tuner.space.knobs import SearchSpace, load_space
 from tuner.report.results import record_run_facts
+from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
 from tuner.study.objectives import Objectives, slo_constraints
 from tuner.study.pareto import completed_points, pick
 from tuner.study.sampling import baseline_params, suggest_config
@@ -198,6 +199,7 @@ class Tuner:
         self.started = time.monotonic()
         self.trial_wall: list[float] = []
         self.measured = 0
+        self.avoided = 0  # proposals the feasibility model kept off the GPUs
 
     def _fit_space_to_installed(self, engine: str, space: SearchSpace) -> None:
         from tuner.engines.probe import drop_unsupported, flags_in, probe_help
@@ -390,8 +392,11 @@ class Tuner:
                 self._collect(study, pool, pending, total)
         finally:
             pool.close()
-            if rejected:
-                self.say(f"{rejected} proposed configuration(s) broke a known constraint and never launched")
+            if rejected - self.avoided:
+                self.say(f"{rejected - self.avoided} proposed configuration(s) broke a known constraint and "
+                         "never launched")
+            if self.avoided:
+                self.say(f"{self.avoided} launch(es) avoided: predicted to fail like configurations that did")
         self._report_campaign()
         return study
 
@@ -411,6 +416,13 @@ class Tuner:
             trial.set_user_attr("message", "; ".join(reasons))
             study.tell(trial, state=TrialState.FAIL)
             return None
+        if not baseline:  # hidden constraints: like configurations that failed on a server
+            model = FeasibilityModel(self.spaces[engine]).fit(observations_from_study(study, engine))
+            verdict = model.verdict(config)
+            if not verdict.launch:
+                tell_infeasible(study, trial, PREDICTED_INFEASIBLE, verdict.reason, verdict.p_fail)
+                self.avoided += 1
+                return None
         return _Proposal(trial.number, engine, config, baseline, need)
 
     def _launch_fitting(self, study: optuna.Study, pending: list[_Proposal], pool: TrialPool) -> None:
