@@ -8,19 +8,11 @@ from tuner.report.importance import Importances
 from tuner.report.results import StudyResult
 from tuner.study.objectives import THROUGHPUT, Objectives
 from tuner.study.pareto import pareto_front
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from tuner.tracking.plots import pyplot, save_png
 
 
 def importance_png(importances: Importances, path: Path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(importances.values)[::-1]  # largest at the top
     fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(names), 2) + 1.5))
     if names:
@@ -30,17 +22,13 @@ def importance_png(importances: Importances, path: Path, title: str) -> Path:
         ax.text(0.5, 0.5, importances.note, ha="center", va="center", wrap=True)
         ax.set_axis_off()
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def fronts_png(results: list[StudyResult], metric: str, path: Path, title: str) -> Path:
     """Each study's front of throughput vs `metric` in its own colour, its other trials faint, its
     defaults baseline a star of that colour."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.get_cmap("tab10").colors
     labels = [r.label for r in results]
@@ -62,8 +50,4 @@ def fronts_png(results: list[StudyResult], metric: str, path: Path, title: str) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -8,12 +8,26 @@ from tuner.study.objectives import THROUGHPUT, Objectives
 from tuner.study.pareto import Point, pareto_front
 
 
-def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
+    plt = pyplot()
     metrics = list(objectives.latency)
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
     front_numbers = {p.number for p in front}
@@ -35,11 +49,7 @@ def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, 
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def pareto_html(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
