@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from tuner.engines.base import FailureClass, Launch
 from tuner.engines.sim import SimEngine
 from tuner.loadgen.metrics import RequestResult, summarize, tpot_s, wall_duration_s
-from tuner.loadgen.replay import BenchConfig, ProgressSnapshot, run_bench_sync
+from tuner.loadgen.replay import BenchConfig, ProgressSnapshot, chain, run_bench_sync
 from tuner.loadgen.slo import parse_slo
 from tuner.runner.server import ManagedServer, free_port
 from tuner.simulator.config import EngineStartupError, SimConfig
@@ -30,7 +30,7 @@ from tuner.study.feasibility import (PREDICTED_INFEASIBLE, FeasibilityModel, Obs
                                      observations_from_study, tell_infeasible)
 from tuner.study.fidelity import (RungScore, RungWatch, SuccessiveHalving, confidence_interval, remeasure,
                                   retimed)
-from tuner.study.pruning import DOMINATED, SLO_LOST, SloPruner, chain, violations_to_lose
+from tuner.study.pruning import DOMINATED, SLO_LOST, SloPruner, violations_to_lose
 from tuner.workload.request import TraceRequest
 
 LONG_CONTEXT = 121856  # the Mooncake slice's longest request, rounded up: KV for it needs ~15 GiB in bf16

@@ -154,3 +154,61 @@ def test_a_failing_region_is_learnt_and_not_launched_again(tmp_path, capsys):
     assert all(t.state == optuna.trial.TrialState.PRUNED for t in avoided)
     run_dir = tmp_path / "runs" / "region"
     assert not any((run_dir / f"trial-{t.number:04d}").exists() for t in avoided)  # never launched
+
+
+QUEUEING = """\
+engine: sim
+extends: common.yaml
+knobs:
+  max_num_seqs: {flag: --max-num-seqs, type: categorical, choices: [2, 256], default: 1024}
+"""
+
+
+def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, capsys):
+    # two sequences at a time queue the slice's long prompts far past a 20 s TTFT p99; 256 stay near 15 s
+    space = tmp_path / "space.yaml"
+    space.write_text(QUEUEING)
+    assert _tune(tmp_path, "--trials", "6", "--no-mlflow", "--sampler", "random", "--space", str(space),
+                 "--slo", "ttft_p99=20s", name="hopeless") == 0
+    out = capsys.readouterr().out
+    assert "stopped early" in out and "GPU-s of replay not run" in out
+    study = load_study("hopeless", _storage(tmp_path))
+    stopped = [t for t in study.trials if "stopped" in t.user_attrs]
+    assert stopped and all(t.state == optuna.trial.TrialState.PRUNED for t in stopped)
+    for trial in stopped:
+        assert trial.user_attrs["config"]["max_num_seqs"] == 2
+        record = trial.user_attrs["stopped"]
+        assert record["kind"] == "slo_lost" and "ttft_p99" in record["reason"]
+        assert record["finished"] < 24 and record["saved_gpu_s"] > 0
+        assert trial.user_attrs["constraints"][0] > 0  # the samplers see it missed the SLO
+        rows = (tmp_path / "runs" / "hopeless" / f"trial-{trial.number:04d}" / "requests.csv").read_text()
+        assert len(rows.splitlines()) - 1 < 24  # the replay really stopped
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert any(t.user_attrs["config"].get("max_num_seqs") == 256 for t in completed)
+    assert len(completed) + len(stopped) == 6  # a stopped trial counts as one of the trials asked for
+    report = (tmp_path / "runs" / "hopeless" / "report.md").read_text()
+    assert "stopped early: slo_lost" in report
+
+
+def test_finalists_are_measured_again_and_their_capacity_found(tmp_path, capsys):
+    assert _tune(tmp_path, "--trials", "4", "--no-mlflow", "--halving", "--slo", "ttft_p99=20s",
+                 "--finalists", "1", "--repeats", "3", "--capacity", "--attainment", "0.9", name="finals") == 0
+    out = capsys.readouterr().out
+    assert "finalists measured again" in out
+    study = load_study("finals", _storage(tmp_path))
+    (number, final), = study.user_attrs["finals"].items()
+    estimate = final["remeasured"]["estimates"]["output_throughput"]
+    assert final["remeasured"]["repeats"] == 3 and len(set(estimate["values"])) == 3
+    assert estimate["low"] < estimate["mean"] < estimate["high"]
+    run_dir = tmp_path / "runs" / "finals"
+    arrivals = [[line.split(",")[1] for line in (run_dir / f"trial-{int(number):04d}-repeat-{k}" / "requests.csv")
+                 .read_text().splitlines()[1:]] for k in (1, 2, 3)]
+    assert all(len(a) == 24 for a in arrivals) and arrivals[0] != arrivals[1] != arrivals[2]  # re-timed
+    capacity = final["capacity"]
+    holding = [rate for rate, _, holds in capacity["probes"] if holds]
+    failing = [rate for rate, _, holds in capacity["probes"] if not holds]
+    assert capacity["capacity_rps"] == max(holding) and (capacity["at_least"] or min(failing) > max(holding))
+    # successive halving scored every trial that ran to its end at each of the three rungs
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("baseline")]
+    assert complete and all(len(t.user_attrs["rung_scores"]) == 3 for t in complete)
+    assert "Finalists measured again" in (run_dir / "report.md").read_text()

@@ -65,7 +65,8 @@ from tuner.study.feasibility import (PREDICTED_INFEASIBLE, FeasibilityModel, obs
                                      tell_infeasible)
 from tuner.study.fidelity import (RungWatch, SuccessiveHalving, finalists, remeasure,  # noqa: E402
                                   stopped_constraints)
-from tuner.study.pruning import SLO_LOST, SloPruner, chain  # noqa: E402
+from tuner.loadgen.replay import chain  # noqa: E402
+from tuner.study.pruning import SLO_LOST, SloPruner  # noqa: E402
 from tuner.workload.prompts import token_ids_for  # noqa: E402
 from tuner.workload.request import TraceRequest  # noqa: E402
 from tuner.workload.transform import load_workload  # noqa: E402
@@ -366,7 +367,7 @@ def run_strategy(strategy: str, seed: int, tapes: dict[str, Tape], requests: lis
                 memo[key] = ("pruned", constraints)
             else:
                 if features.halving:
-                    rungs.finish(tape.summary)
+                    rungs.finish(tape.rows, tape.summary)
                 constraints = dict(zip((t.name for t in SLO.targets), slo_constraints(SLO, tape.summary)))
                 for name, value in constraints.items():
                     trial.set_constraint(name, value)

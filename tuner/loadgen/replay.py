@@ -334,6 +334,13 @@ async def run_bench(config: BenchConfig, requests: list[TraceRequest],
                        not_finished=len(requests) - len(rows), model=model, config=config)
 
 
+def chain(*watchers: ProgressCallback) -> Callable[[ProgressSnapshot], bool]:
+    """One `on_progress` from several (synchronous ones): stops when any says stop; each sees every snapshot."""
+    def on_progress(snapshot: ProgressSnapshot) -> bool:
+        return any([bool(watch(snapshot)) for watch in watchers])
+    return on_progress
+
+
 def run_bench_sync(config: BenchConfig, requests: list[TraceRequest],
                    on_progress: ProgressCallback | None = None) -> BenchResult:
     return asyncio.run(run_bench(config, requests, on_progress))

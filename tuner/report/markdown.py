@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.report.importance import Importances
-from tuner.report.results import StudyResult
+from tuner.report.results import STOPPED, StudyResult
 from tuner.study.objectives import THROUGHPUT
 from tuner.study.pareto import Point, front_table
 
@@ -103,6 +103,38 @@ def goodput_section(result: StudyResult, top: int = 10) -> str:
     return text + "\n\n" + md_table(["trial", "goodput req/s", "tok/s", "SLO"], rows)
 
 
+FINAL_METRICS = (("output_throughput", "tok/s", 0), ("goodput", "goodput req/s", 2),
+                 ("p99_ttft_ms", "TTFT p99 ms", 0), ("p99_tpot_ms", "TPOT p99 ms", 1))
+
+
+def _estimate(estimate: dict | None, digits: int) -> str:
+    if not estimate:
+        return "-"
+    return f"{estimate['mean']:,.{digits}f} ± {(estimate['high'] - estimate['low']) / 2:,.{digits}f}"
+
+
+def _capacity(capacity: dict | None) -> str:
+    if not capacity:
+        return "-"
+    if capacity["capacity_rps"] is None:
+        return f"< {min(p[0] for p in capacity['probes']):.3g} req/s"
+    return f"{'≥ ' if capacity['at_least'] else ''}{capacity['capacity_rps']:.3g} req/s ({len(capacity['probes'])} probes)"
+
+
+def finals_rows(result: StudyResult) -> tuple[list[str], list[list]]:
+    """Finalists measured again: mean ± 95% CI per metric, and the capacity found."""
+    shown = [(m, label, d) for m, label, d in FINAL_METRICS
+             if any(m in f.get("remeasured", {}).get("estimates", {}) for f in result.finals.values())]
+    header = ["trial", "repeats", *(label for _, label, _ in shown), "capacity under SLO"]
+    rows = []
+    for number, final in sorted(result.finals.items()):
+        again = final.get("remeasured", {})
+        rows.append([number, again.get("repeats", "-"),
+                     *(_estimate(again.get("estimates", {}).get(m), d) for m, _, d in shown),
+                     _capacity(final.get("capacity"))])
+    return header, rows
+
+
 def importance_section(importances: Importances) -> str:
     if not importances.ok:
         return importances.note + "."
@@ -139,6 +171,12 @@ def study_markdown(result: StudyResult, importances: Importances) -> str:
                      "## Goodput under the SLO", goodput_section(result)]
     else:
         sections.append("**No trial completed**: see the failures below.")
+    if result.finals:
+        header, rows = finals_rows(result)
+        sections += ["## Finalists measured again",
+                     "Each finalist ran again on a fresh server with the same requests at re-timed arrivals (another "
+                     "seed each time): mean ± 95% confidence interval (Student t). Capacity: the highest Poisson "
+                     "request rate that met the SLO, found by bisection.\n\n" + md_table(header, rows)]
     sections += ["## Parameter importances", importance_section(importances),
                  "## Failed and pruned trials", issues_section(result)]
     return "\n\n".join(sections) + "\n"
@@ -166,9 +204,18 @@ def console_text(result: StudyResult, importances: Importances) -> str:
     if importances.ok:
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(importances.values.items())[:3])
         lines += ["", f"knobs that mattered most for {importances.target}: {top}"]
-    if result.issues:
-        causes = ", ".join(f"{c} ×{n}" for c, n in Counter(i.cause for i in result.issues).most_common())
-        lines += ["", f"{len(result.issues)} trial(s) failed ({causes}); causes and log lines in report.md"]
+    if result.finals:
+        header, rows = finals_rows(result)
+        lines += ["", "finalists measured again (mean ± 95% CI):"]
+        lines += ["  " + " | ".join(f"{h} {v}" for h, v in zip(header, row)) for row in rows]
+    stopped = Counter(i.cause[len(STOPPED):] for i in result.issues if i.cause.startswith(STOPPED))
+    failed = Counter(i.cause for i in result.issues if not i.cause.startswith(STOPPED))
+    if stopped:
+        lines += ["", f"{sum(stopped.values())} trial(s) stopped early "
+                      f"({', '.join(f'{c} ×{n}' for c, n in stopped.most_common())}); reasons in report.md"]
+    if failed:
+        causes = ", ".join(f"{c} ×{n}" for c, n in failed.most_common())
+        lines += ["", f"{sum(failed.values())} trial(s) failed ({causes}); causes and log lines in report.md"]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.study.objectives import THROUGHPUT, Objectives
 from tuner.study.pareto import Point, pareto_front, pick
 
+STOPPED = "stopped early: "  # cause prefix of a trial a watcher stopped (tuner.study.pruning, fidelity)
 # proposals stopped before a server started: a known constraint, or a learned prediction of failure
 NEVER_LAUNCHED = (FailureClass.CONSTRAINT, "predicted_infeasible")
 
@@ -55,6 +56,7 @@ class StudyResult:
     issues: list[TrialIssue]
     rejected: Counter  # reason -> proposals that never launched (NEVER_LAUNCHED)
     running: int
+    finals: dict[int, dict[str, Any]] = field(default_factory=dict)  # trial -> `remeasured`, `capacity`
 
     @property
     def simulated(self) -> bool:
@@ -154,9 +156,10 @@ def _issues(study: optuna.Study) -> tuple[list[TrialIssue], Counter, int]:
         elif trial.state in (TrialState.FAIL, TrialState.PRUNED) and attrs.get("failure") in NEVER_LAUNCHED:
             rejected[attrs.get("message", "")] += 1
         elif trial.state in (TrialState.FAIL, TrialState.PRUNED):
+            stopped = attrs.get("stopped", {}).get("kind")
             issues.append(TrialIssue(number=trial.number, engine=attrs.get("engine", ""), state=trial.state.name,
-                                     cause=attrs.get("failure", "pruned" if trial.state == TrialState.PRUNED
-                                                     else "unknown"),
+                                     cause=f"{STOPPED}{stopped}" if stopped else attrs.get(
+                                         "failure", "pruned" if trial.state == TrialState.PRUNED else "unknown"),
                                      message=attrs.get("message", ""),
                                      last_log_line=_telling_line(attrs.get("log_tail"))))
     return issues, rejected, running
@@ -178,7 +181,8 @@ def load_result(study: optuna.Study, slo: SLO | None = None, run_dir: Path | Non
         workload_digest=str(attrs.get("workload_digest", "")), objectives=objectives, slo=slo, slo_source=source,
         points=points, front=pareto_front(points, objectives), baseline=next((p for p in points if p.baseline), None),
         best=pick(points, objectives, prefer), goodput={p.number: goodput_under(slo, p, run_dir) for p in points},
-        issues=issues, rejected=rejected, running=running)
+        issues=issues, rejected=rejected, running=running,
+        finals={int(number): final for number, final in attrs.get("finals", {}).items()})
 
 
 def record_run_facts(study: optuna.Study, gpu: str | None, engine_versions: dict[str, str]) -> None:

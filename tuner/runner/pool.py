@@ -155,14 +155,14 @@ class TrialPool:
                 placed[node] += item.gpus
         return any(gpus - placed[node] - unplaced >= need for node, gpus in self.node_gpus.items())
 
-    def actor_name(self, number: int) -> str:
-        return f"{self.name_prefix}:trial-{number}"
+    def actor_name(self, spec: TrialSpec) -> str:
+        return f"{self.name_prefix}:trial-{spec.number}" + (f"-{spec.label}" if spec.label else "")
 
     def submit(self, spec: TrialSpec, gpus: int) -> None:
-        token = f"{self.actor_name(spec.number)}/{uuid.uuid4().hex[:12]}"
+        token = f"{self.actor_name(spec)}/{uuid.uuid4().hex[:12]}"
         group = placement_group([{"GPU": gpus, "CPU": CPUS_PER_TRIAL}], strategy="STRICT_PACK")
         actor = TrialActor.options(
-            num_gpus=gpus, num_cpus=CPUS_PER_TRIAL, name=self.actor_name(spec.number),
+            num_gpus=gpus, num_cpus=CPUS_PER_TRIAL, name=self.actor_name(spec),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
         ).remote(token)
         placement_ref = actor.prepare.remote(int(spec.launch.config.get("tensor_parallel_size", 1)))

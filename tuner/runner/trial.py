@@ -9,12 +9,12 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tuner.engines import get_engine
 from tuner.engines.base import FailureClass, Launch
 from tuner.hardware.inventory import used_memory_mib, wait_memory_back
-from tuner.loadgen.replay import BenchConfig, run_bench_sync
+from tuner.loadgen.replay import BenchConfig, chain, run_bench_sync
 from tuner.loadgen.metrics import write_results
 from tuner.loadgen.slo import SLO
 from tuner.runner.server import ManagedServer, ServerFailed, free_port
@@ -42,6 +42,17 @@ class TrialSpec:
     startup_timeout_s: float = 600.0
     hang_timeout_s: float = 120.0  # no request finished for this long (server time) while the server lives
     request_timeout_s: float = 600.0
+    # on_progress watchers that may stop the replay early (tuner.study.pruning, fidelity); one that
+    # stopped it has a `decision` with `as_attrs()`; after a replay that ran to its end, those with a
+    # `finish(rows, summary)` method are called with it. They come back in the outcome with their state.
+    watchers: list[Callable] = field(default_factory=list)
+    # instead of one replay, measure(bench_config, requests, hang_watch) on the live server (capacity search)
+    measure: Callable | None = None
+    label: str = ""  # tells apart runs of one trial number (finalist repeats, capacity search)
+
+    @property
+    def run_name(self) -> str:
+        return f"trial-{self.number:04d}" + (f"-{self.label}" if self.label else "")
 
 
 @dataclass
@@ -63,6 +74,9 @@ class TrialOutcome:
     port_released: bool = True
     gpu_memory_released: bool | None = None  # None without NVML (no GPU)
     cuda_visible_devices: str = ""
+    stopped: dict[str, Any] | None = None  # why a watcher stopped the replay early (the trial is pruned)
+    watchers: list[Callable] = field(default_factory=list)
+    measured: Any = None  # what TrialSpec.measure returned
 
 
 def _scrape(url: str, api_key: str | None) -> str:
@@ -126,7 +140,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     server_spec = engine.server_spec(launch, spec.space, vocab_size=spec.vocab_size)
     outcome = TrialOutcome(number=spec.number, ok=False, command=engine.serve_command(launch, spec.space),
                            started_at=time.time(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    trial_dir = spec.out_dir / f"trial-{spec.number:04d}"
+    trial_dir = spec.out_dir / spec.run_name
     server = ManagedServer(server_spec, trial_dir / "server.log")
     outcome.log_path = str(server.log_path)
     hang = _HangWatch(spec.hang_timeout_s / server_spec.clock_scale)
@@ -140,14 +154,29 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
                              max_concurrency=spec.max_concurrency, clock_scale=server_spec.clock_scale,
                              vocab_size=spec.vocab_size, timeout_s=spec.request_timeout_s,
                              warmup_requests=spec.warmup_requests, slo=spec.slo)
-        result = run_bench_sync(config, spec.requests, on_progress=hang)
+        if spec.measure is not None:
+            outcome.measured = spec.measure(config, spec.requests, hang)
+            outcome.ok = not hang.hung and server.alive()
+            if not outcome.ok:
+                raise ServerFailed(FailureClass.HANG if hang.hung else FailureClass.CRASH,
+                                   "the server stopped answering during the load search")
+            return outcome
+        result = run_bench_sync(config, spec.requests, on_progress=chain(hang, *spec.watchers))
+        outcome.watchers = spec.watchers
+        stopper = next((w for w in spec.watchers if getattr(w, "decision", None) is not None), None)
+        if result.stopped_early and stopper is not None and not hang.hung:
+            outcome.stopped = stopper.decision.as_attrs()
         if not hang.hung:  # a hung server would keep the scrape waiting for its timeout
             outcome.engine_metrics = engine.engine_metrics(_scrape(server_spec.url, server_spec.api_key))
         outcome.rows_csv, outcome.summary_json = (str(p) for p in write_results(result, trial_dir))
         outcome.summary = result.summary.to_dict()
+        if not result.stopped_early:
+            for watcher in spec.watchers:
+                if hasattr(watcher, "finish"):
+                    watcher.finish(result.rows, outcome.summary)
         failed = outcome.summary.get("failed", 0)
         total = failed + outcome.summary.get("completed", 0)
-        requests_failed = total == 0 or failed / total > MAX_FAILED_FRACTION
+        requests_failed = (total == 0 and not outcome.stopped) or (total and failed / total > MAX_FAILED_FRACTION)
         if requests_failed and not hang.hung:
             _wait_exit(server, EXIT_GRACE_S)  # failed requests and a dying server: a crash, not bad requests
         if not server.alive():

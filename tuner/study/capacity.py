@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuner.loadgen.slo import SLO
 from tuner.workload.request import TraceRequest
 
 
@@ -52,6 +53,10 @@ class CapacityResult:
     probes: list[Probe] = field(default_factory=list)
     at_least: bool = False  # `high` itself held: the capacity may be higher
 
+    def as_attrs(self) -> dict[str, Any]:
+        return {"capacity_rps": self.capacity_rps, "at_least": self.at_least,
+                "probes": [[p.rate, p.good_fraction, p.holds] for p in self.probes]}
+
     def __str__(self) -> str:
         if self.capacity_rps is None:
             return f"below {self.probes[0].rate:g} req/s"
@@ -59,9 +64,10 @@ class CapacityResult:
 
 
 def find_capacity(measure: Callable[[float], float], low: float, high: float, tolerance: float = 0.05,
-                  attainment: float = 0.99, max_probes: int = 12) -> CapacityResult:
-    """Bisection on the rate between `low` and `high` until the bracket is within `tolerance`
-    (relative); returns the highest rate seen to hold. Assumes attainment falls as the rate rises."""
+                  attainment: float = 0.99, max_probes: int = 12, start: float | None = None) -> CapacityResult:
+    """Bisection on the rate until the bracket is within `tolerance` (relative); returns the highest rate
+    seen to hold. The bracket is `low`..`high`, or, from `start`, found by doubling or halving the rate
+    within them (cheaper when the capacity is near `start`). Assumes attainment falls as the rate rises."""
     if not 0 < low < high:
         raise ValueError(f"need 0 < low < high, got {low}, {high}")
     result = CapacityResult(None)
@@ -72,13 +78,32 @@ def find_capacity(measure: Callable[[float], float], low: float, high: float, to
         result.probes.append(Probe(rate, fraction, holds))
         return holds
 
-    if not probe(low):
+    good: float | None = None
+    bad: float | None = None
+    if start is None:
+        if not probe(low):
+            return result
+        good = low
+        if not probe(high):
+            bad = high
+    else:
+        rate = min(max(start, low), high)
+        while len(result.probes) < max_probes:
+            if probe(rate):
+                good = rate
+                if bad is not None or rate >= high:
+                    break
+                rate = min(high, rate * 2)
+            else:
+                bad = rate
+                if good is not None or rate <= low:
+                    break
+                rate = max(low, rate / 2)
+    if good is None:
         return result
-    result.capacity_rps = low
-    if probe(high):
-        result.capacity_rps, result.at_least = high, True
+    if bad is None:
+        result.capacity_rps, result.at_least = good, True
         return result
-    good, bad = low, high
     while (bad - good) > tolerance * good and len(result.probes) < max_probes:
         middle = (good + bad) / 2
         if probe(middle):
@@ -87,3 +112,37 @@ def find_capacity(measure: Callable[[float], float], low: float, high: float, to
             bad = middle
     result.capacity_rps = good
     return result
+
+
+@dataclass
+class CapacitySearch:
+    """A trial's `measure` (see `TrialSpec`): the capacity search on one running server. Every probe replays
+    the trial's requests as a Poisson process at the probed rate; a probe whose SLO is certainly lost stops
+    early when that already decides it (`attainment` at or above the SLO's percentiles)."""
+
+    slo: SLO
+    start: float  # requests/s to probe first (the trace's own rate)
+    attainment: float = 0.99
+    tolerance: float = 0.05
+    seed: int = 0
+    spread: float = 16.0  # the search stays within start/spread .. start*spread
+
+    def __call__(self, config, requests: Sequence[TraceRequest], hang) -> CapacityResult:
+        from tuner.loadgen.replay import chain, run_bench_sync
+        from tuner.study.pruning import SloPruner
+
+        prune = self.attainment >= max(t.percentile for t in self.slo.targets) / 100.0
+        probe_config = config
+
+        def measure(rate: float) -> float:
+            nonlocal probe_config
+            if hang.hung:  # the trial reports the hang; no probe holds on a server that stopped answering
+                return 0.0
+            at_rate = poisson_at_rate(requests, rate, self.seed)
+            watchers = [hang, SloPruner(self.slo, len(at_rate))] if prune else [hang]
+            result = run_bench_sync(probe_config, at_rate, on_progress=chain(*watchers))
+            probe_config = dataclasses.replace(config, warmup_requests=0)  # warm after the first probe
+            return good_fraction(result.summary.to_dict(), len(at_rate))
+
+        return find_capacity(measure, self.start / self.spread, self.start * self.spread, self.tolerance,
+                             self.attainment, start=self.start)

@@ -55,6 +55,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--space", default=None, help="your own search-space YAML")
     s.add_argument("--fix", action="append", default=[], help="KNOB=VALUE held fixed (repeat)")
     s.add_argument("--exclude", action="append", default=[], help="knob or group held at default (repeat)")
+    e = parser.add_argument_group("early stopping and multi-fidelity")
+    e.add_argument("--no-prune", action="store_true",
+                   help="with --slo: run every trial to its end, even once its SLO is certainly lost")
+    e.add_argument("--halving", action="store_true",
+                   help="successive halving over trace length (rungs at 1/4, 1/2, all of the trace): stop trials "
+                        "outside the top 1/eta by goodput (throughput without --slo), and those that cannot beat "
+                        "the best goodput")
+    e.add_argument("--eta", type=float, default=2.0, help="successive halving keeps the top 1/eta at each rung")
+    e.add_argument("--finalists", type=int, default=0,
+                   help="after the search, measure the N best configurations again (--repeats times each)")
+    e.add_argument("--repeats", type=int, default=3, help="re-measurements per finalist, each with new arrival times")
+    e.add_argument("--capacity", action="store_true",
+                   help="with --slo: find the highest request rate each finalist sustains within the SLO (bisection)")
+    e.add_argument("--attainment", type=float, default=0.99,
+                   help="--capacity: fraction of requests that must meet the SLO for a rate to hold")
     r = parser.add_argument_group("results")
     r.add_argument("--study-name", default=None, help="same name resumes (default: from engine, model, trace)")
     r.add_argument("--out", default=str(DEFAULT_OUT), help="directory for logs, plots and the default stores")
@@ -88,6 +103,16 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not (value > 0 and math.isfinite(value)):
             raise InputError(f"must be a positive number, got {value}", field=name.replace("_", "-"))
+    if not (args.eta > 1 and math.isfinite(args.eta)):
+        raise InputError(f"must be above 1, got {args.eta}", field="eta")
+    if args.finalists < 0:
+        raise InputError(f"must be at least 0, got {args.finalists}", field="finalists")
+    if args.repeats < 2:
+        raise InputError(f"a confidence interval needs at least 2 repeats, got {args.repeats}", field="repeats")
+    if not 0 < args.attainment <= 1:
+        raise InputError(f"must be within (0, 1], got {args.attainment}", field="attainment")
+    if args.capacity and not args.slo:
+        raise InputError("the capacity search needs an SLO: give --slo", field="capacity")
 
 
 def check_host(host: str) -> str:
@@ -201,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
         endpoint=args.endpoint, concurrency=args.concurrency, max_concurrency=args.max_concurrency,
         sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout,
         engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
-        vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet)
+        vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet,
+        prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=args.finalists, repeats=args.repeats,
+        capacity=args.capacity, attainment=args.attainment)
     tuner = Tuner(options)
     if host not in ("127.0.0.1", "localhost"):
         print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "

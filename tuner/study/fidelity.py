@@ -141,13 +141,9 @@ class RungWatch:
         self.seen = len(rows)
         while (self.decision is None and self.rung < len(self.windows) - 1
                and self.finished_in_window[self.rung] >= self.windows[self.rung]):
-            size = self.windows[self.rung]
-            window = [row for row in rows if row.index < size]
-            summary = summarize(window, wall_duration_s(window) * self.clock_scale, self.slo).to_dict()
-            score = rung_score(summary)
-            self.scores.append(score)
-            self.summaries.append(summary)
+            score = self._score(rows)
             if not self.halving.promote(self.rung, score):
+                size = self.windows[self.rung]
                 self.decision = PruneDecision(
                     SCREENED_OUT, f"not in the top 1/{self.halving.eta:g} at rung {self.rung + 1} "
                                   f"(first {self.halving.fractions[self.rung]:.0%} of the trace, {size} requests): "
@@ -156,12 +152,23 @@ class RungWatch:
             self.rung += 1
         return self.decision is not None
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        """The full replay ended: its summary is the last rung's score."""
+    def _score(self, rows) -> RungScore:
+        window = [row for row in rows if row.index < self.windows[self.rung]]
+        summary = summarize(window, wall_duration_s(window) * self.clock_scale, self.slo).to_dict()
+        self.scores.append(rung_score(summary))
+        self.summaries.append(summary)
+        return self.scores[-1]
+
+    def finish(self, rows, summary: dict[str, Any]) -> None:
+        """The replay ran to its end: score the rungs it passed between two progress calls (too late to
+        stop it), then the whole replay (`summary`) as the last rung."""
+        while self.rung < len(self.windows) - 1:
+            self.halving.record(self.rung, self._score(rows))
+            self.rung += 1
         score = rung_score(summary)
         self.halving.record(len(self.windows) - 1, score)
         self.scores.append(score)
-
+        self.rung += 1
 
 def stopped_constraints(slo: SLO, pruner: SloPruner | None, watch: RungWatch | None) -> dict[str, float]:
     """Optuna SLO constraint values (percentile - limit, ms) of a trial stopped early, so that the
@@ -251,12 +258,18 @@ def remeasure(config: dict[str, Any], measure: Callable[[list[TraceRequest]], di
         raise ValueError("a confidence interval needs at least 2 repeats (3 or more advised)")
     seeds = tuple(seed + i for i in range(repeats))
     summaries = [measure(retimed(requests, s, mode)) for s in seeds]
+    return Remeasured(dict(config), seeds, summaries, estimates_of(summaries, metrics))
+
+
+def estimates_of(summaries: Sequence[dict[str, Any]], metrics: Sequence[str] = FINALIST_METRICS
+                 ) -> dict[str, Estimate]:
+    """Mean and 95% CI of every metric that all `summaries` have."""
     estimates = {}
     for name in metrics:
         values = [s.get(name) for s in summaries]
-        if all(v is not None for v in values):
+        if values and all(v is not None for v in values):
             estimates[name] = confidence_interval(values)
-    return Remeasured(dict(config), seeds, summaries, estimates)
+    return estimates
 
 
 def finalists(points: Sequence[Any], count: int = 3, key: Callable[[Any], float] | None = None) -> list[Any]:

@@ -153,9 +153,3 @@ class SloPruner:
                 values[target.name] = 0.0
         return values
 
-
-def chain(*watchers):
-    """One `on_progress` from several: stops when any of them says stop (each sees every snapshot)."""
-    def on_progress(snapshot) -> bool:
-        return any([bool(watch(snapshot)) for watch in watchers])
-    return on_progress

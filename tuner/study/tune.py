@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import sys
@@ -26,8 +27,12 @@ from tuner.space.constraints import Context, gpus_needed, violations
 from tuner.space.knobs import SearchSpace, load_space
 from tuner.report.results import record_run_facts
 from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
+from tuner.study.capacity import CapacitySearch
+from tuner.study.fidelity import (RungWatch, SuccessiveHalving, estimates_of, finalists, retimed, rung_scores_attr,
+                                  stopped_constraints)
 from tuner.study.objectives import Objectives, slo_constraints
 from tuner.study.pareto import completed_points, pick
+from tuner.study.pruning import SloPruner
 from tuner.study.sampling import baseline_params, suggest_config
 from tuner.study.storage import cluster_notes, open_storage
 from tuner.workload.request import TraceRequest
@@ -81,6 +86,13 @@ class TuneOptions:
     vocab_size: int = 32000
     max_model_len: int | None = None
     quiet: bool = False
+    prune: bool = True  # with an SLO: stop a trial as soon as its SLO is certainly lost
+    halving: bool = False  # successive halving over trace length; stop trials that cannot beat the best
+    eta: float = 2.0
+    finalists: int = 0  # best configurations measured again after the search
+    repeats: int = 3  # re-measurements per finalist, each with other arrival times
+    capacity: bool = False  # with an SLO: highest request rate each finalist sustains, by bisection
+    attainment: float = 0.99  # fraction of requests that must meet the SLO for a rate to hold
 
 
 def build_spaces(options: TuneOptions) -> dict[str, SearchSpace]:
@@ -146,10 +158,12 @@ def make_sampler(name: str, parallel: bool, seed: int | None,
 
 
 def _finished(study: optuna.Study) -> int:
-    """Trials that ran to an end (completed or failed on a server): not rejected, not interrupted, not
-    lost and queued again."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-               if t.user_attrs.get("failure") not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)
+    """Trials that ran to an end (completed, stopped early, or failed on a server): not rejected, not
+    predicted to fail, not interrupted, not lost and queued again."""
+    return sum(1 for t in study.get_trials(deepcopy=False,
+                                           states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
+               if (t.state != TrialState.PRUNED or "stopped" in t.user_attrs)
+               and t.user_attrs.get("failure") not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)
                and not t.user_attrs.get("requeued"))
 
 
@@ -200,6 +214,9 @@ class Tuner:
         self.trial_wall: list[float] = []
         self.measured = 0
         self.avoided = 0  # proposals the feasibility model kept off the GPUs
+        self.halving = SuccessiveHalving(eta=options.eta)
+        self.stopped = 0  # trials stopped early this run
+        self.saved_gpu_s = 0.0  # replay time that trials stopped early did not run, times their GPUs
 
     def _fit_space_to_installed(self, engine: str, space: SearchSpace) -> None:
         from tuner.engines.probe import drop_unsupported, flags_in, probe_help
@@ -272,16 +289,35 @@ class Tuner:
         self.say(f"[{done}/{total or '?'}] trial {number}: {outcome_text} | {best_text}{eta}")
 
     # --- trials ------------------------------------------------------------------------------
-    def _trial_spec(self, number: int, engine: str, config: dict[str, Any], baseline: bool) -> TrialSpec:
+    def _trial_spec(self, number: int, engine: str, config: dict[str, Any], baseline: bool,
+                    study: optuna.Study | None = None) -> TrialSpec:
+        """`study`: give the trial the watchers that may stop it early (never the defaults baseline)."""
         o = self.options
         launch = Launch(config=config, model=o.model, baseline=baseline, host=o.host, gpu=o.gpu or "h100",
                         time_scale=o.sim_time_scale, python=sys.executable if engine == "sim" else o.engine_python,
                         extra_args=tuple(o.engine_args), extra_env=tuple(o.engine_env))
-        return TrialSpec(number=number, engine=engine, space=self.spaces[engine], launch=launch,
+        spec = TrialSpec(number=number, engine=engine, space=self.spaces[engine], launch=launch,
                          requests=o.requests, out_dir=self.run_dir.resolve(), endpoint=o.endpoint,
                          concurrency=o.concurrency, max_concurrency=o.max_concurrency,
                          warmup_requests=o.warmup_requests, vocab_size=o.vocab_size, slo=o.slo,
                          startup_timeout_s=o.startup_timeout_s)
+        if study is not None and not baseline:
+            spec.watchers = self._watchers(study, spec)
+        return spec
+
+    def _watchers(self, study: optuna.Study, spec: TrialSpec) -> list[Any]:
+        o = self.options
+        watchers: list[Any] = []
+        if o.slo is not None and (o.prune or o.halving):
+            open_loop = o.concurrency is None
+            span_s = o.requests[-1].arrival_s - o.requests[0].arrival_s if open_loop else None
+            best = max((p.summary.get("goodput") or 0.0 for p in completed_points(study) if p.feasible),
+                       default=0.0) if o.halving else 0.0
+            watchers.append(SloPruner(o.slo, len(o.requests), best_goodput=best or None, span_s=span_s))
+        if o.halving:
+            clock = get_engine(spec.engine).server_spec(spec.launch, spec.space).clock_scale
+            watchers.append(RungWatch(copy.deepcopy(self.halving), o.requests, o.slo, clock_scale=clock))
+        return watchers
 
     def _record(self, study: optuna.Study, spec: TrialSpec, outcome: TrialOutcome | None, error: str,
                 total: int) -> None:
@@ -298,7 +334,14 @@ class Tuner:
         storage.set_trial_user_attr(trial_id, "ready_s", round(outcome.ready_s, 2))
         storage.set_trial_user_attr(trial_id, "teardown", {"port_released": outcome.port_released,
                                                            "gpu_memory_released": outcome.gpu_memory_released})
-        if outcome.ok:
+        watch = next((w for w in outcome.watchers if isinstance(w, RungWatch)), None)
+        if watch is not None:
+            for rung, score in enumerate(watch.scores):
+                self.halving.record(rung, score)
+            storage.set_trial_user_attr(trial_id, "rung_scores", rung_scores_attr(watch.scores))
+        if outcome.ok and outcome.stopped:
+            text = self._record_stopped(study, spec, outcome, trial_id)
+        elif outcome.ok:
             values = self.options.objectives.values(outcome.summary)
             constraints = slo_constraints(self.options.slo, outcome.summary)
             storage.set_trial_user_attr(trial_id, "summary", outcome.summary)
@@ -317,11 +360,39 @@ class Tuner:
             study.tell(number, state=TrialState.FAIL)
             text = f"FAILED ({outcome.failure}: {outcome.message})"
         if self.tracker is not None:
-            self.tracker.log_trial(number, spec.engine, spec.launch.config, outcome.command,
-                                   "COMPLETE" if outcome.ok else "FAIL", outcome.summary, outcome.engine_metrics,
+            state = "PRUNED" if outcome.stopped else "COMPLETE" if outcome.ok else "FAIL"
+            self.tracker.log_trial(number, spec.engine, spec.launch.config, outcome.command, state, outcome.summary, outcome.engine_metrics,
                                    self._tags(spec.engine), outcome.failure, outcome.message,
                                    [outcome.log_path, outcome.rows_csv, outcome.summary_json])
         self._progress(study, number, text, total)
+
+    def _record_stopped(self, study: optuna.Study, spec: TrialSpec, outcome: TrialOutcome, trial_id: int) -> str:
+        """A trial a watcher stopped: PRUNED, with why, what it had measured, and its SLO constraints so
+        that the samplers still learn how far it was from the SLO."""
+        o, storage = self.options, study._storage
+        pruner = next((w for w in outcome.watchers if isinstance(w, SloPruner)), None)
+        watch = next((w for w in outcome.watchers if isinstance(w, RungWatch)), None)
+        stopped = dict(outcome.stopped or {})
+        clock = get_engine(spec.engine).server_spec(spec.launch, spec.space).clock_scale
+        scheduled_s = (o.requests[-1].arrival_s - o.requests[0].arrival_s) / clock
+        # the rest would have run at least until the last scheduled arrival, and about as long as the
+        # finished requests took per request so far
+        elapsed, finished = stopped["elapsed_s"], max(1, stopped["finished"])
+        rest_s = max(scheduled_s - elapsed, elapsed * (len(o.requests) - finished) / finished, 0.0)
+        stopped["saved_gpu_s"] = round(rest_s * gpus_needed(spec.launch.config), 3)
+        self.saved_gpu_s += stopped["saved_gpu_s"]
+        self.stopped += 1
+        constraints = stopped_constraints(o.slo, pruner, watch) if o.slo else {}
+        storage.set_trial_user_attr(trial_id, "stopped", stopped)
+        storage.set_trial_user_attr(trial_id, "message", stopped["reason"])
+        storage.set_trial_user_attr(trial_id, "summary", outcome.summary)
+        storage.set_trial_user_attr(trial_id, "engine_metrics", outcome.engine_metrics)
+        storage.set_trial_user_attr(trial_id, "constraints", list(constraints.values()))
+        live_trial = optuna.trial.Trial(study, trial_id)
+        for name, value in constraints.items():
+            live_trial.set_constraint(name, value)
+        study.tell(spec.number, state=TrialState.PRUNED)
+        return f"PRUNED after {stopped['finished']}/{len(o.requests)} requests ({stopped['kind']}: {stopped['reason']})"
 
     def _tags(self, engine: str) -> dict[str, str]:
         if engine not in self.engine_versions:
@@ -348,10 +419,12 @@ class Tuner:
                                     "optuna_storage": o.storage},
                                    {"trace_sha256": o.workload_digest,
                                     "simulated": str(o.engines == ["sim"]).lower()})
+        self.halving = SuccessiveHalving.from_study(study, eta=o.eta)
         already = _finished(study)
         if o.trials is not None and already >= o.trials:
             self.say(f"study '{o.study_name}' already has {already} finished trials (asked for {o.trials})")
-            return study
+            if not (o.finalists or o.capacity):
+                return study
         if o.ray_address:
             for note in cluster_notes(o.storage, o.mlflow_uri):
                 self.say(f"note: {note}")
@@ -390,6 +463,7 @@ class Tuner:
                 if not wanted and not pending and not len(pool):
                     break
                 self._collect(study, pool, pending, total)
+            self._finals(study, pool)
         finally:
             pool.close()
             if rejected - self.avoided:
@@ -397,6 +471,9 @@ class Tuner:
                          "never launched")
             if self.avoided:
                 self.say(f"{self.avoided} launch(es) avoided: predicted to fail like configurations that did")
+            if self.stopped:
+                self.say(f"{self.stopped} trial(s) stopped early (SLO certainly lost, beaten, or screened out); "
+                         f"about {self.saved_gpu_s:.1f} GPU-s of replay not run (at the pace they had)")
         self._report_campaign()
         return study
 
@@ -435,8 +512,8 @@ class Tuner:
             if pool.fits(proposal.need):
                 study._storage.set_trial_user_attr(study._storage.get_trial_id_from_study_id_trial_number(
                     study._study_id, proposal.number), "launched_at", time.time())
-                pool.submit(self._trial_spec(proposal.number, proposal.engine, proposal.config, proposal.baseline),
-                            proposal.need)
+                pool.submit(self._trial_spec(proposal.number, proposal.engine, proposal.config, proposal.baseline,
+                                             study), proposal.need)
                 pending.remove(proposal)
                 for w in waiting:
                     w.passed_over += 1
@@ -508,6 +585,79 @@ class Tuner:
 
         outcome = TrialOutcome(number=spec.number, ok=False, command=[], failure=LOST, message=message)
         self._record(study, spec, outcome, finished.error, total)
+
+    # --- after the search ------------------------------------------------------------------------
+    def _finals(self, study: optuna.Study, pool: TrialPool) -> None:
+        """The best configurations measured again, `repeats` times with re-timed arrivals (mean and 95%
+        CI), and with `capacity` searched for the highest rate each sustains within the SLO. Results go to
+        the study's user attribute `finals` (trial number -> `remeasured`, `capacity`); a rerun does not redo them."""
+        o = self.options
+        count = o.finalists or (3 if o.capacity else 0)
+        chosen = finalists(completed_points(study), count) if count else []
+        if not chosen:
+            if count:
+                self.say("no completed trial to measure again")
+            return
+        finals: dict[str, dict[str, Any]] = dict(study.user_attrs.get("finals", {}))
+        seed = (o.seed or 0) + 1000
+        span_s = o.requests[-1].arrival_s - o.requests[0].arrival_s
+        runs: list[TrialSpec] = []
+        for point in chosen:
+            if gpus_needed(point.config) > pool.largest_node:
+                self.say(f"note: trial {point.number} needs more GPUs than one node now has; not measured again")
+                continue
+            done = finals.get(str(point.number), {})
+            if o.finalists and "remeasured" not in done:
+                for k in range(o.repeats):
+                    spec = self._trial_spec(point.number, point.engine, point.config, point.baseline)
+                    spec.requests, spec.label = retimed(o.requests, seed + k), f"repeat-{k + 1}"
+                    runs.append(spec)
+            if o.capacity and "capacity" not in done and o.slo is not None and span_s > 0:
+                spec = self._trial_spec(point.number, point.engine, point.config, point.baseline)
+                spec.label = "capacity"
+                spec.measure = CapacitySearch(o.slo, start=(len(o.requests) - 1) / span_s,
+                                              attainment=o.attainment, seed=seed)
+                runs.append(spec)
+        if runs:
+            self.say(f"\nfinalists: trials {', '.join(str(p.number) for p in chosen)}; {len(runs)} more run(s)"
+                     + (f" ({o.repeats} re-timed replays each)" if o.finalists else ""))
+        repeats: dict[int, list[TrialOutcome | None]] = {}
+        for spec, outcome in self._run_all(pool, runs):
+            if spec.label != "capacity":
+                repeats.setdefault(spec.number, []).append(outcome)
+            elif outcome is not None and outcome.ok:
+                finals.setdefault(str(spec.number), {})["capacity"] = outcome.measured.as_attrs()
+        for number, outcomes in repeats.items():
+            summaries = [r.summary for r in outcomes if r is not None and r.ok]
+            if summaries:
+                finals.setdefault(str(number), {})["remeasured"] = {
+                    "repeats": len(summaries), "failed": len(outcomes) - len(summaries),
+                    "estimates": {k: {"mean": e.mean, "low": e.low, "high": e.high, "values": list(e.values)}
+                                  for k, e in estimates_of(summaries).items()}}
+        study.set_user_attr("finals", finals)
+
+    def _run_all(self, pool: TrialPool, specs: list[TrialSpec]) -> list[tuple[TrialSpec, TrialOutcome | None]]:
+        """Run `specs` on the pool, as many at once as the GPUs allow; (spec, outcome or None) in finishing order."""
+        queue, done = list(specs), []
+        while queue or len(pool):
+            while queue and pool.fits(gpus_needed(queue[0].launch.config)):
+                spec = queue.pop(0)
+                pool.submit(spec, gpus_needed(spec.launch.config))
+            if not len(pool):
+                pool.wait_for_room(gpus_needed(queue[0].launch.config))
+                continue
+            finished = pool.wait_one(timeout_s=5.0 if pool.shared_cluster else None)
+            if finished is None:
+                continue
+            done.append((finished.spec, finished.outcome))
+            outcome = finished.outcome
+            text = ("lost or raised: " + finished.error if outcome is None
+                    else f"FAILED ({outcome.failure}: {outcome.message})" if not outcome.ok
+                    else f"capacity {outcome.measured}" if outcome.measured is not None
+                    else f"{outcome.summary.get('output_throughput', 0):.0f} tok/s")
+            self.say(f"[finalists {len(done)}/{len(specs)}] trial {finished.spec.number} "
+                     f"{finished.spec.label}: {text}")
+        return done
 
     def _report_campaign(self) -> None:
         campaign = self.campaign
