@@ -88,16 +88,54 @@ def test_knobs_missing_from_the_installed_version_are_dropped_with_a_note():
     assert "max_num_seqs" in space.knobs
 
 
-def test_sglang_flags_exist_in_the_pinned_version():
-    from tuner.engines.probe import flags_in
+PINNED_HELP = {  # the --help text of the versions we run: GPU machines, CI's CPU build, the newest SGLang read
+    "vllm-0.26.0": ("vllm", FIXTURES / "vllm-0.26.0-serve-help.txt"),
+    "vllm-0.32.0-cpu": ("vllm", FIXTURES / "vllm-0.32.0-cpu-serve-help.txt"),
+    "sglang-0.5.17": ("sglang", FIXTURES.parent / "sglang" / "sglang-0.5.17-launch-server-help.txt"),
+    "sglang-0.5.23": ("sglang", FIXTURES.parent / "sglang" / "sglang-0.5.23-flags.txt"),
+}
+EVERY_KNOB_SET = {  # every knob away from its default where the engine's space has it
+    "max_num_seqs": 64, "max_num_batched_tokens": 4096, "enable_prefix_caching": False, "cuda_graphs": False,
+    "speculative_method": "ngram", "num_speculative_tokens": 4, "tensor_parallel_size": 2,
+    "enable_chunked_prefill": False, "gpu_memory_utilization": 0.8, "quantization": "fp8",
+}
 
-    available = flags_in((Path(__file__).parent / "fixtures" / "sglang" / "sglang-0.5.23-flags.txt").read_text())
-    space = load_space("sglang")
-    config = dict(space.defaults(), max_num_seqs=64, enable_prefix_caching=False, cuda_graphs=False,
-                  speculative_method="NGRAM", num_speculative_tokens=4, kv_cache_dtype="fp8_e4m3",
-                  attention_backend="fa3", tensor_parallel_size=2)
-    launch = Launch(config=config, model="/models/llama")
-    argv = get_engine("sglang").server_spec(launch, space).argv
+
+@pytest.mark.parametrize("version", sorted(PINNED_HELP))
+def test_every_flag_of_one_config_exists_in_the_pinned_versions_help(version):
+    from tuner.engines.probe import drop_unsupported, flags_in
+
+    engine, help_file = PINNED_HELP[version]
+    available = flags_in(help_file.read_text())
+    space = load_space(engine)
+    notes = drop_unsupported(space, available)
+    config = dict(space.defaults())
+    for name, value in EVERY_KNOB_SET.items():
+        knob = space.knobs.get(name)
+        if knob is not None:
+            choices = {str(c).lower(): c for c in knob.choices or ()}
+            config[name] = choices.get(str(value).lower(), value) if choices else value
+    for name, value in (("kv_cache_dtype", "fp8"), ("attention_backend", "TRITON")):
+        knob = space.knobs.get(name)
+        if knob is not None:
+            config[name] = next(c for c in knob.choices if str(c).upper().startswith(value.upper()))
+    launch = Launch(config=config, model="/models/llama", max_model_len=8192, dummy_weights=True)
+    argv = get_engine(engine).server_spec(launch, space).argv
     used = {a for a in argv if a.startswith("--")}
     assert used <= available, used - available
-    assert "--max-running-requests" in used and "--disable-radix-cache" in used
+    assert {"--load-format"} <= used and ("--context-length" if engine == "sglang" else "--max-model-len") in used
+    assert notes == []  # every knob of the space exists in every pinned version
+
+
+def test_engine_metrics_derive_spec_decode_acceptance_from_a_real_scrape():
+    # vLLM (CPU build) with n-gram drafting, 4 requests on a prompt that repeats itself
+    metrics = get_engine("vllm").engine_metrics((FIXTURES / "metrics-spec-decode-ngram.txt").read_text())
+    assert metrics["spec_decode_num_draft_tokens_total"] == 152 and metrics["spec_decode_num_accepted_tokens_total"] == 140
+    assert metrics["spec_decode_acceptance_rate"] == pytest.approx(140 / 152)
+    assert metrics["spec_decode_mean_accepted_length"] == pytest.approx(1 + 140 / 52)
+    assert metrics["prefix_cache_hit_rate"] == 0.0  # 80 queries, no hit
+    sglang = get_engine("sglang").engine_metrics(
+        'sglang:spec_accept_length{model_name="m"} 2.5\nsglang:spec_accept_rate{model_name="m"} 0.4\n'
+        'sglang:cache_hit_rate{model_name="m"} 0.25\n')
+    assert sglang["spec_decode_mean_accepted_length"] == 2.5 and sglang["spec_decode_acceptance_rate"] == 0.4
+    assert sglang["prefix_cache_hit_rate"] == 0.25

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from tuner.cli import main
 from tuner.errors import InputError
-from tuner.space.flags import render_flags
+from tuner.space.flags import render_flags, render_options
 from tuner.space.knobs import _KNOB_FIELDS, KNOB_TYPES, SPACES_DIR, load_space
 from tuner.study.sampling import suggest_config
 
@@ -200,7 +200,8 @@ space_documents = st.one_of(
     json_values)
 
 
-SHIPPED = {name: yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text()) for name in ("sim", "vllm", "sglang")}
+SHIPPED = {name: yaml.safe_load((SPACES_DIR / f"{name}.yaml").read_text())
+           for name in ("sim", "vllm", "sglang", "trtllm")}
 KNOB_FIELDS = sorted(_KNOB_FIELDS)
 
 
@@ -241,6 +242,7 @@ def check_space(text: str) -> str:
         _, config = suggest_config(study.ask(), {space.engine: space})
         render_flags(space, config)
         render_flags(space, space.defaults(), baseline=True)
+        render_options(space, config)
     except InputError as exc:
         assert exc.file is not None, f"no file named: {exc}"
         assert "\n" not in str(exc)

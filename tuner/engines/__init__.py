@@ -11,6 +11,7 @@ ADAPTERS = {
     "sim": ("tuner.engines.sim", "SimEngine"),
     "vllm": ("tuner.engines.vllm", "VllmEngine"),
     "sglang": ("tuner.engines.sglang", "SglangEngine"),
+    "trtllm": ("tuner.engines.trtllm", "TrtllmEngine"),
 }
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import subprocess
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tuner.space.flags import render_flags
+import yaml
+
+from tuner.errors import InputError
+from tuner.space.flags import render_flags, render_options
 from tuner.space.knobs import SearchSpace
 
 
@@ -44,6 +50,8 @@ class Launch:
     extra_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
     served_model_name: str = "servetune-model"
+    max_model_len: int | None = None  # context length every request must fit
+    dummy_weights: bool = False  # random weights for a config-only model folder (no download)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,26 @@ class ServerSpec:
 
 
 @dataclass(frozen=True)
+class OptionsFile:
+    """The settings of a trial's `option:` knobs, as the YAML file an engine flag names."""
+
+    flag: str  # the flag that takes the file's path
+    name: str  # the file name an exported command uses
+    text: str  # the YAML
+
+    def write(self) -> Path:
+        """Into the cache, named by content, for the runner's own launch."""
+        root = Path(os.environ.get("SERVETUNE_CACHE") or Path.home() / ".cache" / "servetune")
+        path = root / "options" / f"{hashlib.sha256(self.text.encode()).hexdigest()[:16]}-{self.name}"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(self.text)
+            tmp.replace(path)
+        return path
+
+
+@dataclass(frozen=True)
 class FailurePattern:
     failure: str
     pattern: re.Pattern
@@ -75,6 +103,8 @@ class Engine(ABC):
     package: str = ""  # the Python package the engine ships as, asked for its version
     metrics_prefix: str = ""
     failure_patterns: list[FailurePattern] = field(default_factory=list)
+    options_flag: str = ""  # the flag that takes a YAML file of the `option:` knobs; empty: none
+    options_name: str = "options.yaml"
 
     @abstractmethod
     def program(self, launch: Launch) -> list[str]:
@@ -86,7 +116,7 @@ class Engine(ABC):
 
     @abstractmethod
     def model_args(self, launch: Launch) -> list[str]:
-        """The flags that name the model."""
+        """The flags that name the model, its context length and (dummy) weights."""
 
     def connection_args(self, launch: Launch) -> list[str]:
         return ["--host", launch.host, "--port", str(launch.port), "--served-model-name", launch.served_model_name]
@@ -103,15 +133,29 @@ class Engine(ABC):
             out = subprocess.run([python or "python3", "-c", code], capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired):
             return "unknown"
-        return out.stdout.strip() or "unknown"
+        lines = out.stdout.strip().splitlines()  # the last: some packages print a banner on import
+        return lines[-1].strip() if lines else "unknown"
 
     def help_argv(self, python: str) -> list[str] | None:
         """The command that lists every flag of the installed version (None: nothing to probe)."""
         return None
 
+    def options_file(self, launch: Launch, space: SearchSpace) -> OptionsFile | None:
+        """The `option:` knobs of this launch as a file, or None when it has none to set."""
+        options = render_options(space, launch.config, baseline=launch.baseline)
+        if not options:
+            return None
+        if not self.options_flag:
+            raise InputError(f"engine {self.name} reads no options file, so no knob of its space can have "
+                             "`option:`", file=space.source)
+        return OptionsFile(flag=self.options_flag, name=self.options_name,
+                           text=yaml.safe_dump(options, sort_keys=False))
+
     def server_spec(self, launch: Launch, space: SearchSpace, vocab_size: int = 32000) -> ServerSpec:
+        options = self.options_file(launch, space)
         argv = [*self.program(launch), *self.model_args(launch), *self.connection_args(launch),
-                *render_flags(space, launch.config, baseline=launch.baseline), *launch.extra_args]
+                *render_flags(space, launch.config, baseline=launch.baseline),
+                *([options.flag, str(options.write())] if options else []), *launch.extra_args]
         return ServerSpec(argv=argv, env=self.environment(launch), url=f"http://{launch.host}:{launch.port}",
                           served_model_name=launch.served_model_name, api_key=launch.api_key,
                           clock_scale=launch.time_scale if self.name == "sim" else 1.0,
@@ -119,8 +163,10 @@ class Engine(ABC):
 
     def serve_command(self, launch: Launch, space: SearchSpace) -> list[str]:
         """The command a person pastes: no tuner-internal port or key, the engine's own defaults."""
+        options = self.options_file(launch, space)
         return [*self.display_program(), *self.model_args(launch),
-                *render_flags(space, launch.config, baseline=launch.baseline), *launch.extra_args]
+                *render_flags(space, launch.config, baseline=launch.baseline),
+                *([options.flag, options.name] if options else []), *launch.extra_args]
 
     def classify_failure(self, exit_code: int | None, log_tail: str) -> str:
         for item in self.failure_patterns:
@@ -143,7 +189,13 @@ class Engine(ABC):
                 values[name] = values.get(name, 0.0) + float(value)
             except ValueError:
                 continue
+        values.update(self.derived_metrics(values))
         return values
+
+    def derived_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        """Ratios every engine reports under the same names (`spec_decode_acceptance_rate`,
+        `spec_decode_mean_accepted_length`, `prefix_cache_hit_rate`), from its own counters."""
+        return {}
 
 
 def patterns(*pairs: tuple[str, str]) -> list[FailurePattern]:

@@ -27,7 +27,14 @@ class SglangEngine(Engine):
         return ["python", "-m", "sglang.launch_server"]
 
     def model_args(self, launch: Launch) -> list[str]:
-        return ["--model-path", launch.model, "--enable-metrics"]
+        return ["--model-path", launch.model, "--enable-metrics",
+                *(["--context-length", str(launch.max_model_len)] if launch.max_model_len else []),
+                *(["--load-format", "dummy"] if launch.dummy_weights else [])]
+
+    def derived_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        names = {"spec_accept_rate": "spec_decode_acceptance_rate", "spec_accept_length": "spec_decode_mean_accepted_length",
+                 "cache_hit_rate": "prefix_cache_hit_rate"}
+        return {common: values[own] for own, common in names.items() if own in values}
 
     def help_argv(self, python: str) -> list[str]:
         return [python, "-m", "sglang.launch_server", "--help"]

@@ -29,7 +29,8 @@ class SimEngine(Engine):
 
     def model_args(self, launch: Launch) -> list[str]:
         get_shape(launch.model)  # fails early, with the known names, on a wrong shape
-        return ["--model-shape", launch.model, "--gpu", launch.gpu, "--time-scale", f"{launch.time_scale:g}"]
+        return ["--model-shape", launch.model, "--gpu", launch.gpu, "--time-scale", f"{launch.time_scale:g}",
+                *(["--max-model-len", str(launch.max_model_len)] if launch.max_model_len else [])]
 
     def connection_args(self, launch: Launch) -> list[str]:
         args = super().connection_args(launch)

@@ -32,7 +32,20 @@ class VllmEngine(Engine):
         return ["vllm", "serve"]
 
     def model_args(self, launch: Launch) -> list[str]:
-        return [launch.model]
+        return [launch.model, *(["--max-model-len", str(launch.max_model_len)] if launch.max_model_len else []),
+                *(["--load-format", "dummy"] if launch.dummy_weights else [])]
+
+    def derived_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        out = {}
+        drafts, drafted = values.get("spec_decode_num_drafts_total"), values.get("spec_decode_num_draft_tokens_total")
+        accepted = values.get("spec_decode_num_accepted_tokens_total")
+        if drafted and accepted is not None:
+            out["spec_decode_acceptance_rate"] = accepted / drafted
+        if drafts and accepted is not None:  # each draft step also yields one token of the target model
+            out["spec_decode_mean_accepted_length"] = 1 + accepted / drafts
+        if values.get("prefix_cache_queries_total"):
+            out["prefix_cache_hit_rate"] = values.get("prefix_cache_hits_total", 0.0) / values["prefix_cache_queries_total"]
+        return out
 
     def help_argv(self, python: str) -> list[str]:
         return [python, "-m", "vllm.entrypoints.cli.main", "serve", "--help=all"]

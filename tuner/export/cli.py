@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo", default=None, help="pick among trials meeting this SLO, e.g. ttft_p99=800ms")
     parser.add_argument("--prefer", choices=["throughput", "latency"], default="throughput")
     parser.add_argument("--format", choices=FORMATS, default="shell",
-                        help="shell line, YAML config file, Kubernetes Deployment + Service, or `docker run` line")
+                        help="shell line, YAML config file, Kubernetes Deployment + Service, or `docker run` line "
+                             "(trtllm: shell and yaml, with its options file)")
     parser.add_argument("--model", default=None,
                         help="k8s/docker: the model to serve instead of the one tuned (e.g. a hub id for a local path)")
     parser.add_argument("--image", default=None,
@@ -26,16 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tuner.export.command import choose, load_study, shell_line, yaml_config
+    from tuner.export.command import choose, load_study, options_file, shell_line, yaml_config
     from tuner.loadgen.slo import parse_slo
 
     storage = args.storage or f"sqlite:///{Path('servetune-runs/optuna.db').resolve()}"
     study = load_study(args.study, storage)
     point = choose(study, parse_slo(args.slo) if args.slo else None, args.prefer)
     if args.format == "shell":
-        print(shell_line(point))
+        print(shell_line(point, options_file(study, point)))
     elif args.format == "yaml":
-        print(yaml_config(point), end="")
+        print(yaml_config(point, options_file(study, point)), end="")
     else:
         from tuner.export.deploy import container_for, docker_line, k8s_manifest, local_model_note
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 import shlex
+from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
 
+from tuner.engines import ADAPTERS, get_engine
+from tuner.engines.base import Launch, OptionsFile
 from tuner.errors import InputError
 from tuner.loadgen.slo import SLO
+from tuner.space.knobs import load_space
 from tuner.study.objectives import Objectives, slo_constraints
 from tuner.study.pareto import Point, completed_points, pick
 
@@ -49,8 +53,30 @@ def choose(study: optuna.Study, slo: SLO | None, prefer: str) -> Point:
     return best
 
 
-def shell_line(point: Point) -> str:
-    return shlex.join(point.command)
+def _options_flag(engine: str) -> str:
+    return get_engine(engine).options_flag if engine in ADAPTERS else ""
+
+
+def options_file(study: optuna.Study, point: Point) -> OptionsFile | None:
+    """The options file the trial's command names, rebuilt from its configuration and the study's space."""
+    flag = _options_flag(point.engine)
+    if not flag:
+        return None
+    source = (study.user_attrs.get("spaces") or {}).get(point.engine)
+    space = load_space(source if source and Path(source).exists() else point.engine)
+    options = get_engine(point.engine).options_file(Launch(config=point.config, model="", baseline=point.baseline),
+                                                    space)
+    if (options is not None) != (flag in point.command):
+        raise InputError(f"trial {point.number}: its options file cannot be rebuilt from {space.source}, "
+                         "which has changed since the trial ran", field="study")
+    return options
+
+
+def shell_line(point: Point, options: OptionsFile | None = None) -> str:
+    """The serve command; with an options file, a heredoc that writes it first."""
+    if options is None:
+        return shlex.join(point.command)
+    return f"cat > {shlex.quote(options.name)} <<'EOF'\n{options.text}EOF\n{shlex.join(point.command)}"
 
 
 def _scalar(text: str) -> Any:
@@ -88,7 +114,18 @@ def argv_to_config(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     return program, config
 
 
-def yaml_config(point: Point) -> str:
+def yaml_config(point: Point, options: OptionsFile | None = None) -> str:
+    """The flags as a `--config` file; for an engine that reads an options file, that file instead
+    (the flags stay on the command line: such an engine's file takes other keys than its flags)."""
+    flag = _options_flag(point.engine)
+    if flag:
+        argv = list(point.command)
+        if options is None:
+            argv += [flag, "THIS_FILE"]
+        else:
+            argv[argv.index(flag) + 1] = "THIS_FILE"
+        return (f"# servetune: trial {point.number} ({point.engine}); use as: {shlex.join(argv)}\n"
+                + (options.text if options else "{}\n"))
     program, config = argv_to_config(point.command)
     header = (f"# servetune: trial {point.number} ({point.engine}); use as: "
               f"{shlex.join(program)} --config THIS_FILE\n")

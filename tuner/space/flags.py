@@ -1,4 +1,4 @@
-"""Knob values <-> command-line flags, driven by each knob's flag mapping in the engine YAML."""
+"""Knob values <-> command-line flags and options-file settings, by each knob's mapping in the engine YAML."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def render_flags(space: SearchSpace, config: dict[str, Any], baseline: bool = Fa
     active = space.active_config(config)
     for name, value in active.items():
         knob = space.knobs[name]
-        if baseline and value == knob.engine_default:
+        if _is_option(knob) or (baseline and value == knob.engine_default):
             continue
         if value in knob.omit:
             if knob.json_flag:
@@ -51,6 +51,35 @@ def render_flags(space: SearchSpace, config: dict[str, Any], baseline: bool = Fa
     return argv
 
 
+def _is_option(knob: Knob) -> bool:
+    return bool(knob.option or knob.option_off)
+
+
+def _put(tree: dict[str, Any], path: str, value: Any) -> None:
+    """Set tree[a][b][c] for path "a.b.c". A section set to null (off) keeps nothing under it."""
+    *parents, leaf = path.split(".")
+    for key in parents:
+        if key in tree and not isinstance(tree[key], dict):
+            return
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def render_options(space: SearchSpace, config: dict[str, Any], baseline: bool = False) -> dict[str, Any]:
+    """The options-file settings for `config`: each `option:` knob's value at its dotted path, nested.
+    A false bool with `option_off` sets that section to null. Baseline and `omit` as in render_flags."""
+    tree: dict[str, Any] = {}
+    for name, value in space.active_config(config).items():
+        knob = space.knobs[name]
+        if not _is_option(knob) or (baseline and value == knob.engine_default) or value in knob.omit:
+            continue
+        if value is False and knob.option_off:
+            _put(tree, knob.option_off, None)
+        elif knob.option:
+            _put(tree, knob.option, value)
+    return tree
+
+
 def _silent_value(knob: Knob) -> Any:
     """The value for which render_flags emits nothing, if there is one."""
     if knob.omit:
@@ -63,9 +92,10 @@ def _silent_value(knob: Knob) -> Any:
 
 
 def parse_flags(space: SearchSpace, argv: list[str]) -> dict[str, Any]:
-    """Inverse of render_flags (non-baseline): the active configuration a command line encodes."""
+    """Inverse of render_flags (non-baseline): the active configuration a command line encodes
+    (knobs that live in the options file are not on it)."""
     config: dict[str, Any] = {name: _silent_value(knob) for name, knob in space.knobs.items()
-                              if _silent_value(knob) is not None}
+                              if _silent_value(knob) is not None and not _is_option(knob)}
     by_flag: dict[tuple[str, ...], tuple[Knob, bool]] = {}
     json_knobs: dict[str, list[Knob]] = {}
     for knob in space.knobs.values():

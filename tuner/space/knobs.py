@@ -14,7 +14,7 @@ from tuner.yamlfile import read_yaml
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 KNOB_TYPES = ("int", "float", "categorical", "bool")
 _KNOB_FIELDS = {"type", "choices", "low", "high", "log", "step", "default", "group", "when", "doc",
-                "flag", "flag_off", "omit", "json_flag", "json_key", "value_from"}
+                "flag", "flag_off", "omit", "json_flag", "json_key", "value_from", "option", "option_off"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class Knob:
     json_flag: str | None = None
     json_key: str | None = None
     value_from: str | None = None
+    option: str | None = None  # dotted path in the engine's options file, instead of a flag
+    option_off: str | None = None  # a false bool sets this options-file section to null
     doc: str = ""
     engine_default: Any = None  # the engine's own default, kept when --fix moves `default`
 
@@ -169,6 +171,13 @@ def _check_field_types(spec: dict, path: Path, where: str) -> None:
     for key in ("group", "doc", "json_flag", "json_key", "value_from"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise wrong(key, "a string")
+    for key in ("option", "option_off"):
+        if spec.get(key) is not None and not (isinstance(spec[key], str) and all(spec[key].split("."))):
+            raise wrong(key, "a dotted path such as kv_cache_config.dtype")
+    if (spec.get("option") or spec.get("option_off")) and any(spec.get(k) for k in ("flag", "flag_off", "json_flag")):
+        raise InputError("a knob maps to flags or to an option, not both", file=str(path), field=where)
+    if spec.get("option_off") and spec.get("type") != "bool":
+        raise InputError("option_off is for bool knobs", file=str(path), field=f"{where}.option_off")
     for key in ("flag", "flag_off"):
         value = spec.get(key)
         if value is not None and not isinstance(value, str) and not (
@@ -220,7 +229,8 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
                 when=_parse_condition(spec.get("when"), path, name), flag=spec.get("flag"),
                 flag_off=spec.get("flag_off"), omit=tuple(spec.get("omit") or ()),
                 json_flag=spec.get("json_flag"), json_key=spec.get("json_key"),
-                value_from=spec.get("value_from"), doc=spec.get("doc", ""), engine_default=spec["default"])
+                value_from=spec.get("value_from"), option=spec.get("option"), option_off=spec.get("option_off"),
+                doc=spec.get("doc", ""), engine_default=spec["default"])
     # the engine's default may lie outside the searched range (trial 0 runs it anyway), not its type
     if kind == "bool" and not isinstance(knob.default, bool):
         raise InputError("default must be true or false", file=str(path), field=f"{where}.default")
@@ -230,7 +240,7 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
 
 
 def load_space(engine_or_path: str) -> SearchSpace:
-    """`vllm`, `sglang`, `sim` (shipped YAML) or a path to a user's YAML with `engine:` and `extends:`."""
+    """`vllm`, `sglang`, `trtllm`, `sim` (shipped YAML) or a path to a user's YAML with `engine:` and `extends:`."""
     path = Path(engine_or_path)
     if not path.suffix:
         path = SPACES_DIR / f"{engine_or_path}.yaml"
@@ -239,7 +249,7 @@ def load_space(engine_or_path: str) -> SearchSpace:
     data = _read_yaml(path)
     engine = data.get("engine")
     if not isinstance(engine, str):
-        raise InputError("missing 'engine' (vllm, sglang, sim)", file=str(path), field="engine")
+        raise InputError("missing 'engine' (vllm, sglang, trtllm, sim)", file=str(path), field="engine")
     merged: dict[str, dict] = {}
     if data.get("extends"):
         if not isinstance(data["extends"], str):

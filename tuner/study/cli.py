@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--model", default=None, help="model path or hub id; for --engine sim, a model shape")
     m.add_argument("--model-shape", default=None, choices=sorted(PRESETS),
                    help="tune a model shape with dummy weights (no download)")
-    m.add_argument("--engine", default="auto", help="vllm, sglang, sim, vllm,sglang, or auto (sim without GPU)")
+    m.add_argument("--engine", default="auto", help="vllm, sglang, trtllm, sim, vllm,sglang, or auto (sim without GPU)")
     m.add_argument("--gpus", type=int, default=1, help="GPUs to use; logical GPUs for the simulator")
     m.add_argument("--gpu", default=None, help="GPU model for the simulator and constraints (h100, h200, a100...)")
     m.add_argument("--engine-python", default=sys.executable, help="python that has the engine installed")
@@ -141,8 +141,8 @@ def resolve_engines(text: str) -> list[str]:
     if not engines:
         raise InputError("name an engine: vllm, sglang, sim, vllm,sglang or auto", field="engine")
     for engine in engines:
-        if engine not in ("vllm", "sglang", "sim"):
-            raise InputError(f"unknown engine '{engine}' (vllm, sglang, sim, auto)", field="engine")
+        if engine not in ("vllm", "sglang", "trtllm", "sim"):
+            raise InputError(f"unknown engine '{engine}' (vllm, sglang, trtllm, sim, auto)", field="engine")
     if "sim" in engines and len(engines) > 1:
         raise InputError("the simulator is tuned on its own, not beside real engines", field="engine")
     return engines
@@ -187,7 +187,6 @@ def run(args: argparse.Namespace) -> int:
 
         shape = get_shape(args.model_shape)
         model = model or str(stub_model_dir(shape.name))
-        engine_args += ["--load-format", "dummy"]
     else:
         if not model:
             raise InputError("give --model (path or hub id) or --model-shape", field="model")
@@ -203,7 +202,6 @@ def run(args: argparse.Namespace) -> int:
     if shape is not None and max_model_len > shape.max_position:
         raise InputError(f"the workload needs {longest} tokens of context; {shape.name} has {shape.max_position} "
                          "(slice the workload or pass --max-model-len)", field="max-model-len")
-    engine_args += ["--max-model-len", str(max_model_len)]
     gpu = args.gpu
     if gpu is None and engines != ["sim"]:
         from tuner.hardware.inventory import detect
@@ -227,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout,
         engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet,
+        dummy_weights=bool(args.model_shape) and engines != ["sim"],
         prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=args.finalists, repeats=args.repeats,
         capacity=args.capacity, attainment=args.attainment)
     tuner = Tuner(options)

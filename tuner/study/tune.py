@@ -85,6 +85,7 @@ class TuneOptions:
     engine_env: list[tuple[str, str]] = field(default_factory=list)
     vocab_size: int = 32000
     max_model_len: int | None = None
+    dummy_weights: bool = False
     quiet: bool = False
     prune: bool = True  # with an SLO: stop a trial as soon as its SLO is certainly lost
     halving: bool = False  # successive halving over trace length; stop trials that cannot beat the best
@@ -295,7 +296,8 @@ class Tuner:
         o = self.options
         launch = Launch(config=config, model=o.model, baseline=baseline, host=o.host, gpu=o.gpu or "h100",
                         time_scale=o.sim_time_scale, python=sys.executable if engine == "sim" else o.engine_python,
-                        extra_args=tuple(o.engine_args), extra_env=tuple(o.engine_env))
+                        extra_args=tuple(o.engine_args), extra_env=tuple(o.engine_env),
+                        max_model_len=o.max_model_len, dummy_weights=o.dummy_weights)
         spec = TrialSpec(number=number, engine=engine, space=self.spaces[engine], launch=launch,
                          requests=o.requests, out_dir=self.run_dir.resolve(), endpoint=o.endpoint,
                          concurrency=o.concurrency, max_concurrency=o.max_concurrency,

@@ -60,13 +60,11 @@ def tune_options(spec: SweepSpec, cell: Cell, study_name: str, work_dir: Path):
         from tuner.models.stub import stub_model_dir
 
         model = str(stub_model_dir(shape.name))
-        engine_args += ["--load-format", "dummy"]
     longest = max(r.input_tokens + r.output_tokens for r in requests)
     max_model_len = -(-longest // 1024) * 1024
     if shape is not None and max_model_len > shape.max_position:
         raise InputError(f"the workload needs {longest} tokens of context; {shape.name} has {shape.max_position}",
                          file=str(spec.path), field="matrix.workloads")
-    engine_args += ["--max-model-len", str(max_model_len)]
     mlflow_uri = spec.mlflow_uri if spec.mlflow_uri != "" else f"sqlite:///{(work_dir / 'mlflow.db').resolve()}"
     return TuneOptions(
         workload=w.path, requests=requests, workload_digest=trace_digest(w.path), engines=[cell.engine], model=model,
@@ -74,7 +72,8 @@ def tune_options(spec: SweepSpec, cell: Cell, study_name: str, work_dir: Path):
         sampler=spec.sampler, seed=spec.seed, study_name=study_name,
         storage=f"sqlite:///{(work_dir / 'optuna.db').resolve()}", out_dir=work_dir, mlflow_uri=mlflow_uri,
         sim_time_scale=spec.sim_time_scale, engine_python=spec.engine_python, engine_args=engine_args,
-        vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len)
+        vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len,
+        dummy_weights=cell.engine != "sim" and shape is not None)
 
 
 def measure_defaults_again(options, repeats: int) -> list[dict[str, float | None]]:
