@@ -134,8 +134,13 @@ def test_engine_metrics_derive_spec_decode_acceptance_from_a_real_scrape():
     assert metrics["spec_decode_acceptance_rate"] == pytest.approx(140 / 152)
     assert metrics["spec_decode_mean_accepted_length"] == pytest.approx(1 + 140 / 52)
     assert metrics["prefix_cache_hit_rate"] == 0.0  # 80 queries, no hit
+    # SGLang 0.5.17 on the H100 (experiments/h100-sglang, trial 0): radix cache on, no drafting
     sglang = get_engine("sglang").engine_metrics(
-        'sglang:spec_accept_length{model_name="m"} 2.5\nsglang:spec_accept_rate{model_name="m"} 0.4\n'
-        'sglang:cache_hit_rate{model_name="m"} 0.25\n')
-    assert sglang["spec_decode_mean_accepted_length"] == 2.5 and sglang["spec_decode_acceptance_rate"] == 0.4
-    assert sglang["prefix_cache_hit_rate"] == 0.25
+        'sglang:prompt_tokens_total{model_name="m"} 520366.0\nsglang:cached_tokens_total{model_name="m"} 18944.0\n'
+        'sglang:cache_hit_rate{model_name="m"} 0.0\nsglang:spec_accept_length{model_name="m"} 0.0\n'
+        'sglang:spec_accept_rate{model_name="m"} 0.0\n')
+    assert sglang["prefix_cache_hit_rate"] == pytest.approx(18944 / 520366)
+    assert "spec_decode_acceptance_rate" not in sglang  # nothing was drafted: no rate to report
+    drafting = get_engine("sglang").engine_metrics(
+        'sglang:spec_accept_length{model_name="m"} 2.5\nsglang:spec_accept_rate{model_name="m"} 0.4\n')
+    assert drafting["spec_decode_mean_accepted_length"] == 2.5 and drafting["spec_decode_acceptance_rate"] == 0.4

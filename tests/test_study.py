@@ -179,7 +179,7 @@ def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, caps
         assert trial.user_attrs["config"]["max_num_seqs"] == 2
         record = trial.user_attrs["stopped"]
         assert record["kind"] == "slo_lost" and "ttft_p99" in record["reason"]
-        assert record["finished"] < 24 and record["saved_gpu_s"] > 0
+        assert record["finished"] < 24 and record["saved_gpu_s"] >= 0  # 0 once it outlasted the defaults' replay
         assert trial.user_attrs["constraints"][0] > 0  # the samplers see it missed the SLO
         rows = (tmp_path / "runs" / "hopeless" / f"trial-{trial.number:04d}" / "requests.csv").read_text()
         assert len(rows.splitlines()) - 1 < 24  # the replay really stopped

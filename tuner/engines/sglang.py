@@ -32,9 +32,13 @@ class SglangEngine(Engine):
                 *(["--load-format", "dummy"] if launch.dummy_weights else [])]
 
     def derived_metrics(self, values: dict[str, float]) -> dict[str, float]:
-        names = {"spec_accept_rate": "spec_decode_acceptance_rate", "spec_accept_length": "spec_decode_mean_accepted_length",
-                 "cache_hit_rate": "prefix_cache_hit_rate"}
-        return {common: values[own] for own, common in names.items() if own in values}
+        out = {}
+        if values.get("spec_accept_length"):  # gauges of the last batches; 0 when nothing is drafted
+            out["spec_decode_mean_accepted_length"] = values["spec_accept_length"]
+            out["spec_decode_acceptance_rate"] = values.get("spec_accept_rate", 0.0)
+        if values.get("prompt_tokens_total"):  # `cache_hit_rate` is a gauge of recent batches; this is the run's
+            out["prefix_cache_hit_rate"] = values.get("cached_tokens_total", 0.0) / values["prompt_tokens_total"]
+        return out
 
     def help_argv(self, python: str) -> list[str]:
         return [python, "-m", "sglang.launch_server", "--help"]
