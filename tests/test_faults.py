@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 
 from tuner.engines.base import FailureClass, Launch
 from tuner.runner.trial import TrialOutcome, TrialSpec, execute_trial, scrub_secret
@@ -326,7 +327,7 @@ def _serving_trial(out: Path, name: str) -> tuple[int, int, list[str]] | None:
         return None
     try:
         study = _study(out, name)
-    except KeyError:  # the study is not created yet
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # `tune` is creating the store or the study right now
         return None
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     if not _ran(study) or not running:

@@ -621,8 +621,9 @@ class Tuner:
                                               attainment=o.attainment, seed=seed)
                 runs.append(spec)
         if runs:
-            self.say(f"\nfinalists: trials {', '.join(str(p.number) for p in chosen)}; {len(runs)} more run(s)"
-                     + (f" ({o.repeats} re-timed replays each)" if o.finalists else ""))
+            again = sum(1 for spec in runs if spec.label != "capacity")
+            self.say(f"\nfinalists: trials {', '.join(str(p.number) for p in chosen)}: {again} re-timed replay(s), "
+                     f"{len(runs) - again} capacity search(es)")
         repeats: dict[int, list[TrialOutcome | None]] = {}
         for spec, outcome in self._run_all(pool, runs):
             if spec.label != "capacity":
