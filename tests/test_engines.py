@@ -30,6 +30,20 @@ def test_vllm_failures_classified_from_real_logs(name, expected):
     assert get_engine("vllm").classify_failure(1, log) == expected
 
 
+@pytest.mark.parametrize("name", ["fail-bad-flag.log", "fail-invalid-choice.log"])
+def test_sglang_failures_classified_from_real_logs(name):
+    # SGLang 0.5.17's own argument errors (the end of its log), captured from `python -m sglang.launch_server`
+    log = (FIXTURES.parent / "sglang" / name).read_text()
+    assert get_engine("sglang").classify_failure(2, log) == FailureClass.INVALID_CONFIG
+
+
+def test_a_healthy_sglang_start_on_the_h100_matches_no_failure_pattern():
+    # the start of trial 0 in experiments/h100-sglang (warnings about missing optional modules included)
+    log = (FIXTURES.parent / "sglang" / "ok-h100-startup.log").read_text()
+    assert "max_total_num_tokens=410636" in log
+    assert get_engine("sglang").classify_failure(None, log) == FailureClass.CRASH  # the fallback: nothing known
+
+
 def test_healthy_log_with_a_backend_warning_is_not_a_known_failure():
     log = (FIXTURES / "ok-backend-ignored-on-cpu.log").read_text()
     assert get_engine("vllm").classify_failure(None, log) == FailureClass.CRASH
