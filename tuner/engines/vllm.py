@@ -44,7 +44,8 @@ class VllmEngine(Engine):
         if drafts and accepted is not None:  # each draft step also yields one token of the target model
             out["spec_decode_mean_accepted_length"] = 1 + accepted / drafts
         if values.get("prefix_cache_queries_total"):
-            out["prefix_cache_hit_rate"] = values.get("prefix_cache_hits_total", 0.0) / values["prefix_cache_queries_total"]
+            hits = values.get("prefix_cache_hits_total", 0.0)
+            out["prefix_cache_hit_rate"] = hits / values["prefix_cache_queries_total"]
         return out
 
     def help_argv(self, python: str) -> list[str]:

@@ -118,7 +118,8 @@ def _capacity(capacity: dict | None) -> str:
         return "-"
     if capacity["capacity_rps"] is None:
         return f"< {min(p[0] for p in capacity['probes']):.3g} req/s"
-    return f"{'≥ ' if capacity['at_least'] else ''}{capacity['capacity_rps']:.3g} req/s ({len(capacity['probes'])} probes)"
+    at_least = "≥ " if capacity["at_least"] else ""
+    return f"{at_least}{capacity['capacity_rps']:.3g} req/s ({len(capacity['probes'])} probes)"
 
 
 def finals_rows(result: StudyResult) -> tuple[list[str], list[list]]:

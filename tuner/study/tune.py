@@ -363,7 +363,8 @@ class Tuner:
             text = f"FAILED ({outcome.failure}: {outcome.message})"
         if self.tracker is not None:
             state = "PRUNED" if outcome.stopped else "COMPLETE" if outcome.ok else "FAIL"
-            self.tracker.log_trial(number, spec.engine, spec.launch.config, outcome.command, state, outcome.summary, outcome.engine_metrics,
+            self.tracker.log_trial(number, spec.engine, spec.launch.config, outcome.command, state,
+                                   outcome.summary, outcome.engine_metrics,
                                    self._tags(spec.engine), outcome.failure, outcome.message,
                                    [outcome.log_path, outcome.rows_csv, outcome.summary_json])
         self._progress(study, number, text, total)
@@ -377,9 +378,9 @@ class Tuner:
         stopped = dict(outcome.stopped or {})
         clock = get_engine(spec.engine).server_spec(spec.launch, spec.space).clock_scale
         # a full replay lasts at least until the last scheduled arrival, and about as long as the defaults'
-        full_s = max([(o.requests[-1].arrival_s - o.requests[0].arrival_s) / clock]
-                     + [t.user_attrs["measure_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                        if t.user_attrs.get("baseline") and "measure_s" in t.user_attrs])
+        defaults_s = [t.user_attrs["measure_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                      if t.user_attrs.get("baseline") and "measure_s" in t.user_attrs]
+        full_s = max([(o.requests[-1].arrival_s - o.requests[0].arrival_s) / clock, *defaults_s])
         rest_s = max(0.0, full_s - stopped["elapsed_s"])
         stopped["saved_gpu_s"] = round(rest_s * gpus_needed(spec.launch.config), 3)
         self.saved_gpu_s += stopped["saved_gpu_s"]
