@@ -76,6 +76,13 @@ def _clean_or_maybe(clean: bool, values):
     return values if clean else _maybe(values)
 
 
+def _in_order(rows: list[dict], key: str, kind: type) -> None:
+    """Sort the well-typed values of `key` into arrival order, in place (the rest stay as they are)."""
+    typed = [row for row in rows if isinstance(row[key], kind)]
+    for row, value in zip(typed, sorted(row[key] for row in typed)):
+        row[key] = value
+
+
 @st.composite
 def mooncake_lines(draw) -> list[str]:
     clean = draw(st.booleans())
@@ -85,9 +92,7 @@ def mooncake_lines(draw) -> list[str]:
         optional={"hash_ids": _clean_or_maybe(clean, st.lists(st.integers(0, 10**6), max_size=6)),
                   **({} if clean else {"extra": json_values})}), max_size=8))
     if draw(st.booleans()):
-        times = sorted(r["timestamp"] for r in rows if isinstance(r["timestamp"], int))
-        for row, time in zip((r for r in rows if isinstance(r["timestamp"], int)), times):
-            row["timestamp"] = time
+        _in_order(rows, "timestamp", int)
     return [json.dumps(r) for r in rows]
 
 
@@ -107,9 +112,7 @@ def native_lines(draw) -> list[str]:
             "session_id": _clean_or_maybe(clean, text), **({} if clean else {"unknown_field": json_values})}),
         max_size=8))
     if draw(st.booleans()):
-        arrivals = sorted(r["arrival_s"] for r in rows if isinstance(r["arrival_s"], float))
-        for row, arrival in zip((r for r in rows if isinstance(r["arrival_s"], float)), arrivals):
-            row["arrival_s"] = arrival
+        _in_order(rows, "arrival_s", float)
     return [json.dumps(r) for r in rows]
 
 

@@ -151,6 +151,10 @@ class Engine(ABC):
         return OptionsFile(flag=self.options_flag, name=self.options_name,
                            text=yaml.safe_dump(options, sort_keys=False))
 
+    def clock_scale(self, launch: Launch) -> float:
+        """How much faster than the wall clock the server's clock runs (only a simulator's does)."""
+        return 1.0
+
     def server_spec(self, launch: Launch, space: SearchSpace, vocab_size: int = 32000) -> ServerSpec:
         options = self.options_file(launch, space)
         argv = [*self.program(launch), *self.model_args(launch), *self.connection_args(launch),
@@ -158,7 +162,7 @@ class Engine(ABC):
                 *([options.flag, str(options.write())] if options else []), *launch.extra_args]
         return ServerSpec(argv=argv, env=self.environment(launch), url=f"http://{launch.host}:{launch.port}",
                           served_model_name=launch.served_model_name, api_key=launch.api_key,
-                          clock_scale=launch.time_scale if self.name == "sim" else 1.0,
+                          clock_scale=self.clock_scale(launch),
                           metrics_prefix=self.metrics_prefix, vocab_size=vocab_size)
 
     def serve_command(self, launch: Launch, space: SearchSpace) -> list[str]:

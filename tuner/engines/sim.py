@@ -32,6 +32,9 @@ class SimEngine(Engine):
         return ["--model-shape", launch.model, "--gpu", launch.gpu, "--time-scale", f"{launch.time_scale:g}",
                 *(["--max-model-len", str(launch.max_model_len)] if launch.max_model_len else [])]
 
+    def clock_scale(self, launch: Launch) -> float:
+        return launch.time_scale
+
     def connection_args(self, launch: Launch) -> list[str]:
         args = super().connection_args(launch)
         return args + (["--api-key", launch.api_key] if launch.api_key else [])

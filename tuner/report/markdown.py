@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.report.importance import Importances
 from tuner.report.results import STOPPED, StudyResult
+from tuner.study.capacity import CapacityResult
 from tuner.study.objectives import THROUGHPUT
 from tuner.study.pareto import Point, front_table
 
@@ -114,12 +115,7 @@ def _estimate(estimate: dict | None, digits: int) -> str:
 
 
 def _capacity(capacity: dict | None) -> str:
-    if not capacity:
-        return "-"
-    if capacity["capacity_rps"] is None:
-        return f"< {min(p[0] for p in capacity['probes']):.3g} req/s"
-    at_least = "≥ " if capacity["at_least"] else ""
-    return f"{at_least}{capacity['capacity_rps']:.3g} req/s ({len(capacity['probes'])} probes)"
+    return str(CapacityResult.from_attrs(capacity)) if capacity else "-"
 
 
 def finals_rows(result: StudyResult) -> tuple[list[str], list[list]]:

@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuner.loadgen.replay import chain, run_bench_sync
 from tuner.loadgen.slo import SLO
+from tuner.study.pruning import SloPruner
 from tuner.workload.request import TraceRequest
 
 
@@ -57,9 +59,13 @@ class CapacityResult:
         return {"capacity_rps": self.capacity_rps, "at_least": self.at_least,
                 "probes": [[p.rate, p.good_fraction, p.holds] for p in self.probes]}
 
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> CapacityResult:
+        return cls(attrs["capacity_rps"], [Probe(*probe) for probe in attrs["probes"]], attrs["at_least"])
+
     def __str__(self) -> str:
-        if self.capacity_rps is None:
-            return f"below {self.probes[0].rate:g} req/s"
+        if self.capacity_rps is None:  # no probe held: below the lowest rate probed
+            return f"below {min(p.rate for p in self.probes):g} req/s"
         return f"{'>= ' if self.at_least else ''}{self.capacity_rps:.3g} req/s ({len(self.probes)} probes)"
 
 
@@ -128,9 +134,6 @@ class CapacitySearch:
     spread: float = 16.0  # the search stays within start/spread .. start*spread
 
     def __call__(self, config, requests: Sequence[TraceRequest], hang) -> CapacityResult:
-        from tuner.loadgen.replay import chain, run_bench_sync
-        from tuner.study.pruning import SloPruner
-
         prune = self.attainment >= max(t.percentile for t in self.slo.targets) / 100.0
         probe_config = config
 

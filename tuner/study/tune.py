@@ -317,7 +317,7 @@ class Tuner:
                        default=0.0) if o.halving else 0.0
             watchers.append(SloPruner(o.slo, len(o.requests), best_goodput=best or None, span_s=span_s))
         if o.halving:
-            clock = get_engine(spec.engine).server_spec(spec.launch, spec.space).clock_scale
+            clock = get_engine(spec.engine).clock_scale(spec.launch)
             watchers.append(RungWatch(copy.deepcopy(self.halving), o.requests, o.slo, clock_scale=clock))
         return watchers
 
@@ -376,7 +376,7 @@ class Tuner:
         pruner = next((w for w in outcome.watchers if isinstance(w, SloPruner)), None)
         watch = next((w for w in outcome.watchers if isinstance(w, RungWatch)), None)
         stopped = dict(outcome.stopped or {})
-        clock = get_engine(spec.engine).server_spec(spec.launch, spec.space).clock_scale
+        clock = get_engine(spec.engine).clock_scale(spec.launch)
         # a full replay lasts at least until the last scheduled arrival, and about as long as the defaults'
         defaults_s = [t.user_attrs["measure_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                       if t.user_attrs.get("baseline") and "measure_s" in t.user_attrs]
@@ -559,7 +559,7 @@ class Tuner:
             attrs.update(gpu_ids=list(where.gpu_ids), cuda_visible_devices=where.cuda_visible_devices,
                          nvlink=where.nvlink)
         if outcome is not None:
-            clock = get_engine(spec.engine).server_spec(spec.launch, spec.space).clock_scale
+            clock = get_engine(spec.engine).clock_scale(spec.launch)
             measure_s = (outcome.summary.get("duration_s") or 0.0) / clock
             attrs.update(started_at=outcome.started_at, ended_at=outcome.ended_at, measure_s=round(measure_s, 3))
             self.campaign.spans.append(TrialSpan(
