@@ -25,7 +25,7 @@ from tuner.runner.server import ManagedServer, free_port
 from tuner.simulator.config import EngineStartupError, SimConfig
 from tuner.simulator.engine import Engine, SimArrival, simulate
 from tuner.space.knobs import load_space
-from tuner.study.capacity import find_capacity, good_fraction, poisson_at_rate
+from tuner.study.capacity import CapacityResult, find_capacity, good_fraction, poisson_at_rate
 from tuner.study.feasibility import (PREDICTED_INFEASIBLE, FeasibilityModel, Observation, launches_avoided,
                                      observations_from_study, tell_infeasible)
 from tuner.study.fidelity import (RungScore, RungWatch, SuccessiveHalving, confidence_interval, remeasure,
@@ -287,6 +287,22 @@ def test_capacity_is_found_by_bisection_on_the_request_rate():
     assert max(holding) == result.capacity_rps
     assert min(r for r in failing if r > result.capacity_rps) <= result.capacity_rps * 1.05 + 1e-9
     assert len(result.probes) <= 12
+
+
+def test_capacity_search_from_the_trace_rate_brackets_by_doubling_and_halving():
+    capacity = 3.0  # a server model: every rate up to 3 req/s holds, nothing above
+
+    def measure(rate: float) -> float:
+        return 1.0 if rate <= capacity else 0.5
+
+    result = find_capacity(measure, low=0.25, high=64.0, tolerance=0.05, start=1.0)
+    assert [p.rate for p in result.probes[:3]] == [1.0, 2.0, 4.0]  # doubled until it failed
+    assert capacity * 0.95 <= result.capacity_rps <= capacity and not result.at_least
+    assert str(result).endswith(f"req/s ({len(result.probes)} probes)")
+    nothing = find_capacity(lambda rate: 0.0, low=0.25, high=64.0, start=1.0)
+    assert nothing.capacity_rps is None and [p.rate for p in nothing.probes] == [1.0, 0.5, 0.25]
+    assert str(nothing) == "below 0.25 req/s"  # the lowest rate probed, not the first
+    assert str(CapacityResult.from_attrs(nothing.as_attrs())) == str(nothing)
 
 
 def test_poisson_retiming_has_the_asked_rate():
