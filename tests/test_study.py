@@ -6,6 +6,8 @@ import shlex
 from pathlib import Path
 
 import optuna
+
+from tuner.study.records import StudyRecord, records
 import pytest
 import ray
 
@@ -115,9 +117,9 @@ def test_interrupted_trial_is_run_again(tmp_path, capsys):
     assert "1 interrupted trial(s) will run again" in capsys.readouterr().out
     study = load_study("crash", _storage(tmp_path))
     assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
-    assert study.trials[orphan.number].user_attrs["failure"] == FailureClass.INTERRUPTED
+    assert orphan.number in StudyRecord.of(study).interrupted
     assert study.trials[orphan.number + 1].params["max_num_seqs"] == orphan.params["max_num_seqs"]
-    ran = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("failure") not in
+    ran = [r for r in records(study) if r.state in ("COMPLETE", "FAIL", "PRUNED") and r.failure not in
            (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)]
     assert len(ran) == 2
 

@@ -17,6 +17,7 @@ from tuner.loadgen.slo import SLO
 from tuner.space.knobs import load_space
 from tuner.study.objectives import Objectives, slo_constraints
 from tuner.study.pareto import Point, completed_points, pick
+from tuner.study.records import StudyRecord
 
 
 def load_study(name: str, storage: str) -> optuna.Study:
@@ -33,7 +34,7 @@ def load_study(name: str, storage: str) -> optuna.Study:
 
 
 def study_objectives(study: optuna.Study) -> Objectives:
-    return Objectives(latency=tuple(study.user_attrs["objectives"][1:]))
+    return Objectives(tuple(StudyRecord.of(study).objectives))
 
 
 def points_under(study: optuna.Study, slo: SLO | None) -> list[Point]:
@@ -46,10 +47,11 @@ def points_under(study: optuna.Study, slo: SLO | None) -> list[Point]:
 
 
 def choose(study: optuna.Study, slo: SLO | None, prefer: str) -> Point:
-    best = pick(points_under(study, slo), study_objectives(study), prefer)
+    """The recommended configuration: the best that meets the SLO, else the best goodput (never none while
+    a trial completed)."""
+    best = pick(points_under(study, slo), study_objectives(study), prefer, StudyRecord.of(study).offered_rate)
     if best is None:
-        raise InputError("no completed trial meets the SLO" if slo else "the study has no completed trial",
-                         field="slo" if slo else "study")
+        raise InputError("the study has no completed trial", field="study")
     return best
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tuner.loadgen.slo import SLO
+from tuner.metrics import request_value_s
 
 if TYPE_CHECKING:
     from tuner.loadgen.replay import BenchResult
@@ -134,14 +135,6 @@ def _stats_ms(name: str, values_s: list[float]) -> dict[str, float | None]:
     }
 
 
-def _request_value_s(row: RequestResult, metric: str) -> float:
-    if metric == "ttft":
-        return row.ttft_s if row.ttft_s is not None else float("inf")
-    if metric == "tpot":
-        return row.tpot_s if row.tpot_s is not None else 0.0  # one-token answers have no decode
-    return row.e2e_s if row.e2e_s is not None else float("inf")
-
-
 def summarize(rows: list[RequestResult], duration_s: float, slo: SLO | None = None) -> BenchSummary:
     """Summary of a run; failed requests are counted but left out of every latency figure."""
     ok = [r for r in rows if r.ok]
@@ -180,7 +173,7 @@ def summarize(rows: list[RequestResult], duration_s: float, slo: SLO | None = No
     )
     if slo is not None:
         good = sum(
-            all(_request_value_s(r, t.metric) * 1000.0 <= t.limit_ms for t in slo.targets) for r in ok
+            all(request_value_s(r, t.metric) * 1000.0 <= t.limit_ms for t in slo.targets) for r in ok
         )
         summary.slo = str(slo)
         summary.good_completed = good

@@ -35,7 +35,7 @@ def fronts_png(results: list[StudyResult], metric: str, path: Path, title: str) 
     unique = len(set(labels)) == len(labels)
     for i, result in enumerate(results):
         colour = colours[i % len(colours)]
-        front = sorted(pareto_front(result.points, Objectives(latency=(metric,))), key=lambda p: p.value(metric))
+        front = sorted(pareto_front(result.points, Objectives((THROUGHPUT, metric))), key=lambda p: p.value(metric))
         ax.plot([p.value(metric) for p in front], [p.value(THROUGHPUT) for p in front], "o-", color=colour,
                 label=result.label if unique else f"{result.name}: {result.label}")
         others = [p for p in result.points if p not in front]

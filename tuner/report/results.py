@@ -9,19 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from tuner.engines.base import FailureClass
+from tuner.study.feasibility import PREDICTED_INFEASIBLE
 from tuner.export.command import points_under, study_objectives
 from tuner.loadgen.slo import SLO, parse_slo
 from tuner.report.goodput import goodput_under
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.study.objectives import THROUGHPUT, Objectives
 from tuner.study.pareto import Point, pareto_front, pick
+from tuner.study.recommend import Recommendation, recommend
+from tuner.study.records import StudyRecord, records
 
 STOPPED = "stopped early: "  # cause prefix of a trial a watcher stopped (tuner.study.pruning, fidelity)
 # proposals stopped before a server started: a known constraint, or a learned prediction of failure
-NEVER_LAUNCHED = (FailureClass.CONSTRAINT, "predicted_infeasible")
+NEVER_LAUNCHED = (FailureClass.CONSTRAINT, PREDICTED_INFEASIBLE)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class StudyResult:
     rejected: Counter  # reason -> proposals that never launched (NEVER_LAUNCHED)
     running: int
     finals: dict[int, dict[str, Any]] = field(default_factory=dict)  # trial -> `remeasured`, `capacity`
+    recommendation: Recommendation | None = None
 
     @property
     def simulated(self) -> bool:
@@ -148,46 +151,60 @@ def _telling_line(text: str) -> str:
 
 
 def _issues(study: optuna.Study) -> tuple[list[TrialIssue], Counter, int]:
-    issues, rejected, running = [], Counter(), 0
-    for trial in study.get_trials(deepcopy=False):
-        attrs = trial.user_attrs
-        if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+    issues: list[TrialIssue] = []
+    rejected: Counter = Counter()
+    running = 0
+    for r in records(study):
+        if r.state in ("RUNNING", "WAITING"):
             running += 1
-        elif trial.state in (TrialState.FAIL, TrialState.PRUNED) and attrs.get("failure") in NEVER_LAUNCHED:
-            rejected[attrs.get("message", "")] += 1
-        elif trial.state in (TrialState.FAIL, TrialState.PRUNED):
-            stopped = attrs.get("stopped", {}).get("kind")
-            issues.append(TrialIssue(number=trial.number, engine=attrs.get("engine", ""), state=trial.state.name,
-                                     cause=f"{STOPPED}{stopped}" if stopped else attrs.get(
-                                         "failure", "pruned" if trial.state == TrialState.PRUNED else "unknown"),
-                                     message=attrs.get("message", ""),
-                                     last_log_line=_telling_line(attrs.get("log_tail"))))
+        elif r.state in ("FAIL", "PRUNED") and r.failure in NEVER_LAUNCHED:
+            rejected[r.message] += 1
+        elif r.state in ("FAIL", "PRUNED"):
+            stopped = r.stopped.get("kind")
+            cause = f"{STOPPED}{stopped}" if stopped else r.failure or ("pruned" if r.state == "PRUNED" else "unknown")
+            issues.append(TrialIssue(number=r.number, engine=r.engine, state=r.state, cause=str(cause),
+                                     message=r.message, last_log_line=_telling_line(r.log_tail)))
     return issues, rejected, running
 
 
 def load_result(study: optuna.Study, slo: SLO | None = None, run_dir: Path | None = None,
                 prefer: str = "throughput") -> StudyResult:
     """`slo`: judge against this SLO instead of the study's own. `run_dir`: where the trials' rows lie."""
-    attrs: dict[str, Any] = study.user_attrs
-    source = "report" if slo is not None else "study" if attrs.get("slo") else "none"
-    if slo is None and attrs.get("slo"):
-        slo = parse_slo(attrs["slo"])
+    rec = StudyRecord.of(study)
+    source = "report" if slo is not None else "study" if rec.slo else "none"
+    if slo is None and rec.slo:
+        slo = parse_slo(rec.slo)
     objectives = study_objectives(study)
     points = points_under(study, slo)
     issues, rejected, running = _issues(study)
+    finals = {int(number): final for number, final in rec.finals.items()}
+    recommendation = recommend(points, objectives, slo, finals, rec.offered_rate, prefer,
+                               output_changes_of(rec, points, prefer, objectives))
     return StudyResult(
-        name=study.study_name, engines=list(attrs.get("engines", [])), model=str(attrs.get("model", "")),
-        gpu=_gpu_kind(study, points), gpus=int(attrs.get("gpus", 0)), workload=str(attrs.get("workload", "")),
-        workload_digest=str(attrs.get("workload_digest", "")), objectives=objectives, slo=slo, slo_source=source,
+        name=study.study_name, engines=list(rec.engines), model=rec.model,
+        gpu=_gpu_kind(study, points), gpus=rec.gpus, workload=rec.workload,
+        workload_digest=rec.workload_digest, objectives=objectives, slo=slo, slo_source=source,
         points=points, front=pareto_front(points, objectives), baseline=next((p for p in points if p.baseline), None),
-        best=pick(points, objectives, prefer), goodput={p.number: goodput_under(slo, p, run_dir) for p in points},
-        issues=issues, rejected=rejected, running=running,
-        finals={int(number): final for number, final in attrs.get("finals", {}).items()})
+        best=recommendation.point if recommendation else None,
+        goodput={p.number: goodput_under(slo, p, run_dir) for p in points},
+        issues=issues, rejected=rejected, running=running, finals=finals, recommendation=recommendation)
 
 
-def record_run_facts(study: optuna.Study, gpu: str | None, engine_versions: dict[str, str]) -> None:
-    """What a later report or export needs and the study does not otherwise keep."""
-    if gpu:
-        study.set_user_attr("gpu", gpu)
-    if engine_versions:
-        study.set_user_attr("engine_versions", dict(engine_versions))
+def output_changes_of(rec: StudyRecord, points: list[Point], prefer: str, objectives: Objectives) -> tuple[str, ...]:
+    """What the recommended configuration changes in the model's outputs (knobs marked in the space)."""
+    best = pick(points, objectives, prefer, rec.offered_rate)
+    if best is None:
+        return ()
+    try:
+        from tuner.space.knobs import load_space
+        from tuner.space.outputs import output_changes  # type: ignore[import-not-found]
+    except ImportError:
+        return ()
+    source = rec.spaces.get(best.engine)
+    try:
+        space = load_space(source if source and Path(source).exists() else best.engine)
+    except Exception:  # a space that moved or broke since the study ran: say nothing rather than fail
+        return ()
+    return tuple(output_changes(space, best.config))
+
+

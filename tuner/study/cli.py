@@ -48,7 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--trials", type=int, default=None, help="trials in all, the defaults baseline included")
     s.add_argument("--budget", default=None, help="wall-clock budget, e.g. 90m or 2h")
     s.add_argument("--slo", default=None, help="e.g. ttft_p99=800ms,tpot_p99=60ms")
-    s.add_argument("--latency", default="ttft_p99,tpot_p99", help="latency objectives to minimise")
+    s.add_argument("--objective", default=None,
+                   help="objectives, comma-separated, each maximised or minimised as its metric says: goodput, "
+                        "goodput_per_gpu, output_throughput[_per_gpu], request_throughput, ttft|tpot|itl|e2e_"
+                        "mean|p50|p90|p99|max (default: goodput with --slo, per GPU when --gpus > 1; else "
+                        "output_throughput,ttft_p99,tpot_p99)")
+    s.add_argument("--latency", default=None,
+                   help="round-1 form: output throughput up and these latencies down (e.g. ttft_p99,tpot_p99)")
     s.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random", "grid"],
                    help="grid: every combination of discrete knobs, in random order")
     s.add_argument("--seed", type=int, default=None)
@@ -63,8 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "outside the top 1/eta by goodput (throughput without --slo), and those that cannot beat "
                         "the best goodput")
     e.add_argument("--eta", type=float, default=2.0, help="successive halving keeps the top 1/eta at each rung")
-    e.add_argument("--finalists", type=int, default=0,
-                   help="after the search, measure the N best configurations again (--repeats times each)")
+    e.add_argument("--finalists", type=int, default=None,
+                   help="after the search, measure the N best configurations and the defaults again on fresh "
+                        "servers (--repeats times each) and say whether the best beats the defaults beyond noise "
+                        "(default: 2 for real engines with --slo, else 0)")
     e.add_argument("--repeats", type=int, default=3, help="re-measurements per finalist, each with new arrival times")
     e.add_argument("--capacity", action="store_true",
                    help="with --slo: find the highest request rate each finalist sustains within the SLO (bisection)")
@@ -105,7 +113,7 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise InputError(f"must be a positive number, got {value}", field=name.replace("_", "-"))
     if not (args.eta > 1 and math.isfinite(args.eta)):
         raise InputError(f"must be above 1, got {args.eta}", field="eta")
-    if args.finalists < 0:
+    if args.finalists is not None and args.finalists < 0:
         raise InputError(f"must be at least 0, got {args.finalists}", field="finalists")
     if args.repeats < 2:
         raise InputError(f"a confidence interval needs at least 2 repeats, got {args.repeats}", field="repeats")
@@ -158,8 +166,15 @@ def run(args: argparse.Namespace) -> int:
     if args.gpus < 1:
         raise InputError("must be at least 1", field="gpus")
     check_numbers(args)
-    objectives = Objectives.parse(args.latency)
+    if args.objective and args.latency:
+        raise InputError("give --objective or --latency, not both", field="objective")
+    objectives = (Objectives.parse(args.objective) if args.objective
+                  else Objectives.legacy(args.latency) if args.latency else None)
     slo = parse_slo(args.slo) if args.slo else None
+    if objectives is not None and objectives.needs_slo and slo is None:
+        raise InputError(f"objective {objectives.primary} needs an SLO: give --slo", field="objective")
+    finalists = args.finalists if args.finalists is not None else (
+        2 if slo is not None and engines != ["sim"] else 0)
     budget = parse_duration(args.budget) if args.budget else None
     trials = args.trials if args.trials is not None else (None if budget else 12)
     if trials is not None and trials < 1:
@@ -226,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet,
         dummy_weights=bool(args.model_shape) and engines != ["sim"],
-        prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=args.finalists, repeats=args.repeats,
+        prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=finalists, repeats=args.repeats,
         capacity=args.capacity, attainment=args.attainment)
     tuner = Tuner(options)
     if host not in ("127.0.0.1", "localhost"):

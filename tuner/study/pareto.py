@@ -1,14 +1,27 @@
-"""The Pareto front of finished trials, the defaults baseline beside it, and the pick for an SLO."""
+"""The Pareto front of finished trials, the defaults baseline beside it, and the pick.
+
+The pick ranks by the study's first objective (goodput, per GPU where trials use different numbers of
+GPUs, when the study has an SLO): configurations that meet the SLO first, then reliable measurements,
+then the objective. It never comes back empty while a trial completed: with no configuration meeting
+the SLO it is the best of the rest (`tuner.study.recommend` says what it misses). When the trace offers
+less load than the servers take (they all finish at the offered rate), objective values within
+`LOAD_BOUND_TIE` of the best are a tie: fewer GPUs, then the lower first latency, win.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from tuner.study.objectives import THROUGHPUT, Objectives, summary_key
+from tuner.metrics import metric
+from tuner.study.objectives import THROUGHPUT, Objectives
+from tuner.study.records import records
+
+LOAD_BOUND_TIE = 0.03  # relative: differences below this are noise when the offered load is the bound
+LOAD_BOUND_FRACTION = 0.9  # completing >= this fraction of the offered rate: bound by the offered load
 
 
 @dataclass(frozen=True)
@@ -20,22 +33,27 @@ class Point:
     command: list[str]
     feasible: bool  # meets every SLO given to the study
     baseline: bool
+    gpus: int = 1
+    unreliable: tuple[str, ...] = field(default=())  # why the measurement cannot decide anything
 
-    def value(self, metric: str) -> float:
-        return float(self.summary[THROUGHPUT if metric == THROUGHPUT else summary_key(metric)])
+    def value(self, name: str) -> float:
+        value = metric(name).value(self.summary, self.gpus)
+        if value is None:
+            raise KeyError(f"trial {self.number} recorded no {name}")
+        return value
+
+    def get(self, name: str) -> float | None:
+        return metric(name).value(self.summary, self.gpus)
+
+    def load_bound(self, offered_rate: float) -> bool:
+        served = self.summary.get("request_throughput") or 0.0
+        return offered_rate > 0 and served >= LOAD_BOUND_FRACTION * offered_rate
 
 
 def completed_points(study: optuna.Study) -> list[Point]:
-    points = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        attrs = trial.user_attrs
-        if "summary" not in attrs:
-            continue
-        points.append(Point(number=trial.number, engine=attrs.get("engine", ""), config=attrs.get("config", {}),
-                            summary=attrs["summary"], command=attrs.get("command", []),
-                            feasible=all(c <= 0 for c in attrs.get("constraints", [])),
-                            baseline=bool(attrs.get("baseline"))))
-    return points
+    return [Point(number=r.number, engine=r.engine, config=r.config, summary=r.summary, command=r.command,
+                  feasible=r.meets_slo, baseline=r.baseline, gpus=r.gpus or 1, unreliable=tuple(r.unreliable))
+            for r in records(study, (TrialState.COMPLETE,)) if r.summary]
 
 
 def _dominates(a: list[float], b: list[float]) -> bool:
@@ -51,30 +69,57 @@ def pareto_front(points: list[Point], objectives: Objectives) -> list[Point]:
     return sorted(front, key=lambda p: -p.value(THROUGHPUT))
 
 
-def pick(points: list[Point], objectives: Objectives, prefer: str = "throughput") -> Point | None:
-    """Best feasible point: highest throughput, or lowest first latency objective."""
-    feasible = [p for p in points if p.feasible]
-    if not feasible:
+def pick(points: list[Point], objectives: Objectives, prefer: str = "throughput",
+         offered_rate: float = 0.0) -> Point | None:
+    """The configuration to recommend (see the module docstring); `prefer="latency"` takes the lowest
+    first latency among those meeting the SLO instead."""
+    if not points:
         return None
-    if prefer == "latency":
-        return min(feasible, key=lambda p: (p.value(objectives.latency[0]), -p.value(THROUGHPUT)))
-    return max(feasible, key=lambda p: (p.value(THROUGHPUT), -p.value(objectives.latency[0])))
+    feasible = [p for p in points if p.feasible]
+    if prefer == "latency" and feasible:
+        first = objectives.latency[0]
+        return min(feasible, key=lambda p: (bool(p.unreliable), p.value(first), -p.value(THROUGHPUT)))
+    primary = metric(objectives.primary)
+
+    def score(p: Point) -> float:
+        value = p.get(primary.name)
+        if value is None:
+            return -float("inf")
+        return value if primary.maximize else -value
+
+    ranked = sorted(points, key=lambda p: (p.feasible, not p.unreliable, score(p)), reverse=True)
+    top = ranked[0]
+    peers = [p for p in ranked if (p.feasible, not p.unreliable) == (top.feasible, not top.unreliable)]
+    if all(p.load_bound(offered_rate) for p in peers[:2]) and score(top) > 0:
+        tied = [p for p in peers if score(p) >= score(top) * (1 - LOAD_BOUND_TIE)]
+        first = objectives.latency[0]
+        return min(tied, key=lambda p: (p.gpus, p.get(first) if p.get(first) is not None else float("inf")))
+    return top
 
 
 def front_table(front: list[Point], objectives: Objectives, baseline: Point | None, knobs: list[str]) -> str:
-    header = ["trial", "engine", "tok/s", *objectives.latency, "goodput", "SLO", *knobs]
-    rows = []
+    """Goodput first when the trials were judged against an SLO; GPUs per trial where they differ."""
     shown = front + ([baseline] if baseline is not None and baseline not in front else [])
+    with_slo = any(p.summary.get("slo") for p in shown)
+    several = len({p.gpus for p in shown}) > 1
+    header = ["trial", "engine", *(["goodput", "SLO"] if with_slo else []), *(["GPUs"] if several else []),
+              "tok/s", *objectives.latency, *knobs]
+    rows = []
     for p in shown:
-        mark = "*" if p.baseline else ""
-        rows.append([f"{p.number}{mark}", p.engine, f"{p.value(THROUGHPUT):.0f}",
-                     *(f"{p.value(m):.1f}" for m in objectives.latency),
-                     "-" if p.summary.get("goodput") is None else f"{p.summary['goodput']:.2f}",
-                     "ok" if p.feasible else "miss",
+        goodput = p.summary.get("goodput")
+        slo_cells = ["-" if goodput is None else f"{goodput:.2f}", "ok" if p.feasible else "miss"]
+        rows.append([f"{p.number}{'*' if p.baseline else ''}{'!' if p.unreliable else ''}", p.engine,
+                     *(slo_cells if with_slo else []), *([str(p.gpus)] if several else []),
+                     f"{p.value(THROUGHPUT):.0f}", *(f"{p.value(m):.1f}" for m in objectives.latency),
                      *(str(p.config.get(k, "-")) for k in knobs)])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    notes = []
     if baseline is not None:
-        lines.append("(* = the engine's defaults, the baseline; latencies in ms, goodput in req/s under the SLO)")
+        notes.append("* = the engine's defaults")
+    if any(p.unreliable for p in shown):
+        notes.append("! = unreliable measurement")
+    notes.append("latencies in ms" + (", goodput in req/s under the SLO" if with_slo else ""))
+    lines.append(f"({'; '.join(notes)})")
     return "\n".join(lines)

@@ -3,13 +3,16 @@
 The replay calls `on_progress` with a `ProgressSnapshot` about once a second. `SloPruner` reads the
 requests finished so far and decides from them alone, never from a guess about the rest:
 
-- *SLO lost*: for a target `ttft_p99=L` over N requests, the run's p99 (numpy's linear
+- *SLO lost* (only once some trial of the study meets the SLO, `stop_on_slo_lost`; while none does,
+  the recommendation is the best goodput whatever it misses, so losing a percentile stops nothing): for a target `ttft_p99=L` over N requests, the run's p99 (numpy's linear
   interpolation, over completed requests) ends above L whatever the unfinished requests do once
   `N' - floor((N' - 1) * 0.99)` completed requests are above L, where N' = N - failed is the most
   requests the percentile can be taken over. A trial that misses an SLO can never be recommended.
 - *Dominated*: given the best goodput already measured (`best_goodput`, requests/s meeting every
   target) and the replay's scheduled span, a trial whose optimistic goodput (every unfinished request
-  good, the replay ending on schedule) is below it cannot become the best.
+  good, the replay ending on schedule) is below it cannot become the best. This bound is sound for
+  open-loop replays: goodput = good requests / duration, and the duration is at least the scheduled
+  span. The decision records the bound and the best it was compared with.
 
 `snapshot.rows` only grows between calls (the replay appends finished requests), so the pruner reads
 each row once. Snapshots of another replay (the warm-up, whose `total` differs) are ignored.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -34,11 +38,16 @@ class PruneDecision:
     reason: str
     finished: int  # requests finished (completed + failed) when it was decided
     elapsed_s: float  # the snapshot's elapsed time (wall-clock, like the replay's)
+    bound: float | None = None  # DOMINATED: the optimistic final goodput (req/s)
+    best: float | None = None  # DOMINATED: the best final goodput it was compared with
 
     def as_attrs(self) -> dict:
-        """What the lead stores on the Optuna trial (user attribute `pruned`)."""
-        return {"kind": self.kind, "reason": self.reason, "finished": self.finished,
-                "elapsed_s": round(self.elapsed_s, 3)}
+        """What the lead stores on the Optuna trial (user attribute `stopped`)."""
+        out = {"kind": self.kind, "reason": self.reason, "finished": self.finished,
+               "elapsed_s": round(self.elapsed_s, 3)}
+        if self.bound is not None:
+            out.update(goodput_upper_bound=self.bound, best_goodput=self.best)
+        return out
 
 
 def violations_to_lose(total: int, percentile: float) -> int:
@@ -48,7 +57,7 @@ def violations_to_lose(total: int, percentile: float) -> int:
     return total - math.floor((total - 1) * percentile / 100.0)
 
 
-def _value_s(row, metric: str) -> float | None:
+def _value_s(row: Any, metric: str) -> float | None:
     return {"ttft": row.ttft_s, "tpot": row.tpot_s, "e2e": row.e2e_s}[metric]
 
 
@@ -56,8 +65,9 @@ class SloPruner:
     """`on_progress`-shaped: `pruner(snapshot)` returns True to stop; `decision` says why."""
 
     def __init__(self, slo: SLO, total_requests: int, best_goodput: float | None = None,
-                 span_s: float | None = None) -> None:
+                 span_s: float | None = None, stop_on_slo_lost: bool = True) -> None:
         self.slo = slo
+        self.stop_on_slo_lost = stop_on_slo_lost
         self.total = total_requests
         self.best_goodput = best_goodput  # goodput to beat (requests/s), for the dominance rule
         self.span_s = span_s  # scheduled replay length in the server's clock: the shortest duration possible
@@ -111,7 +121,7 @@ class SloPruner:
             return None
         self._read(snapshot.rows)
         finished = snapshot.completed + snapshot.failed
-        lost = self.lost_target()
+        lost = self.lost_target() if self.stop_on_slo_lost else None
         if lost is not None:
             target, over, need = lost
             self.decision = PruneDecision(
@@ -124,7 +134,7 @@ class SloPruner:
             self.decision = PruneDecision(
                 DOMINATED, f"goodput can reach at most {bound:.3g} req/s ({self.bad} of {self.total} requests "
                            f"already miss the SLO) < best {self.best_goodput:.3g} req/s",
-                finished, snapshot.elapsed_s)
+                finished, snapshot.elapsed_s, bound=bound, best=self.best_goodput)
             return self.decision
         return None
 

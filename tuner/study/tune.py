@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import random
+import re
 import sys
 import time
 import warnings
@@ -25,15 +26,15 @@ from tuner.runner.campaign import Campaign, TrialSpan, gantt_png
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
 from tuner.space.knobs import SearchSpace, load_space
-from tuner.report.results import record_run_facts
-from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
+from tuner.metrics import metric
 from tuner.study.capacity import CapacitySearch
-from tuner.study.fidelity import (RungWatch, SuccessiveHalving, estimates_of, finalists, retimed, rung_scores_attr,
-                                  stopped_constraints)
-from tuner.study.objectives import Objectives, slo_constraints
-from tuner.study.pareto import completed_points, pick
+from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
+from tuner.study.fidelity import RungWatch, SuccessiveHalving, estimates_of, retimed, rung_scores_attr, stopped_constraints
+from tuner.study.objectives import Objectives, default_objectives, slo_constraints
+from tuner.study.pareto import Point, completed_points, pick
 from tuner.study.pruning import SloPruner
 from tuner.study.sampling import baseline_params, suggest_config
+from tuner.study.session import StudySession
 from tuner.study.storage import cluster_notes, open_storage
 from tuner.workload.request import TraceRequest
 
@@ -61,7 +62,7 @@ class TuneOptions:
     gpu: str | None
     trials: int | None = 12
     budget_s: float | None = None
-    objectives: Objectives = field(default_factory=Objectives)
+    objectives: Objectives | None = None  # None: default_objectives(slo, per GPU when gpus > 1)
     slo: SLO | None = None
     sampler: str = "tpe"
     seed: int | None = None
@@ -158,28 +159,6 @@ def make_sampler(name: str, parallel: bool, seed: int | None,
     raise InputError(f"unknown sampler '{name}' (tpe, nsga2, random, grid)", field="sampler")
 
 
-def _finished(study: optuna.Study) -> int:
-    """Trials that ran to an end (completed, stopped early, or failed on a server): not rejected, not
-    predicted to fail, not interrupted, not lost and queued again."""
-    return sum(1 for t in study.get_trials(deepcopy=False,
-                                           states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
-               if (t.state != TrialState.PRUNED or "stopped" in t.user_attrs)
-               and t.user_attrs.get("failure") not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)
-               and not t.user_attrs.get("requeued"))
-
-
-def _recover_interrupted(study: optuna.Study) -> int:
-    """Trials left RUNNING by a killed `tune`: mark them failed and queue their configs again."""
-    count = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "failure", FailureClass.INTERRUPTED)
-        study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items()
-                                                      if k == "baseline"}, skip_if_exists=False)
-        count += 1
-    return count
-
-
 @dataclass
 class _Proposal:
     """A configuration Optuna proposed that waits for enough GPUs on one node."""
@@ -197,11 +176,36 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+SEND_LAG_P99_LIMIT_MS = 5.0  # a client later than this cannot be trusted to have offered the trace's load
+SIM_CLOCK_LAG_LIMIT_S = 1.0  # simulated seconds the simulator's clock may fall behind wall-clock x scale
+_MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")
+
+
+def unreliable_reasons(summary: dict[str, Any], engine_metrics: dict[str, float]) -> list[str]:
+    """Why a measurement cannot decide a recommendation: the client or the simulator could not keep up."""
+    reasons = []
+    lag = summary.get("p99_send_lag_ms")
+    if lag is not None and lag > SEND_LAG_P99_LIMIT_MS:
+        reasons.append(f"client send lag p99 {lag:.1f} ms > {SEND_LAG_P99_LIMIT_MS:g} ms")
+    clock = engine_metrics.get("clock_lag_max_seconds")
+    if clock is not None and clock > SIM_CLOCK_LAG_LIMIT_S:
+        reasons.append(f"simulator clock fell {clock:.2f} simulated s behind")
+    return reasons
+
+
+def missing_module(message: str) -> str | None:
+    match = _MISSING_MODULE.search(message or "")
+    return match.group(1) if match else None
+
+
 class Tuner:
     lookahead: int | None = None  # proposals that may wait for GPUs; 1 = strict order (no packing)
 
     def __init__(self, options: TuneOptions) -> None:
         self.options = options
+        self.objectives = options.objectives or default_objectives(options.slo, per_gpu=options.gpus > 1)
+        if self.objectives.needs_slo and options.slo is None:
+            raise InputError(f"objective {self.objectives.primary} needs an SLO: give --slo", field="objective")
         self.spaces = build_spaces(options)
         self.engine_versions: dict[str, str] = {}
         for engine, space in self.spaces.items():
@@ -210,14 +214,19 @@ class Tuner:
         self.context = Context(gpus=options.gpus, gpu=gpu_spec, model=options.shape,
                                max_model_len=options.max_model_len)
         self.run_dir = options.out_dir / options.study_name
-        self.tracker = None
+        self.tracker: Any = None
+        self.session: StudySession | None = None
         self.started = time.monotonic()
         self.trial_wall: list[float] = []
         self.measured = 0
         self.avoided = 0  # proposals the feasibility model kept off the GPUs
+        self.excluded_hits = 0  # proposals holding a value that left the space (environment failure)
         self.halving = SuccessiveHalving(eta=options.eta)
         self.stopped = 0  # trials stopped early this run
         self.saved_gpu_s = 0.0  # replay time that trials stopped early did not run, times their GPUs
+        requests = options.requests
+        span = requests[-1].arrival_s - requests[0].arrival_s if len(requests) > 1 else 0.0
+        self.offered_rate = (len(requests) - 1) / span if span > 0 and options.concurrency is None else 0.0
 
     def _fit_space_to_installed(self, engine: str, space: SearchSpace) -> None:
         from tuner.engines.probe import drop_unsupported, flags_in, probe_help
@@ -237,52 +246,65 @@ class Tuner:
 
     # --- Optuna -----------------------------------------------------------------------------
     def open_study(self) -> optuna.Study:
+        o = self.options
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        parallel = self.options.gpus > 1
-        study = optuna.create_study(study_name=self.options.study_name, storage=open_storage(self.options.storage),
-                                    directions=self.options.objectives.directions, load_if_exists=True,
-                                    sampler=make_sampler(self.options.sampler, parallel, self.options.seed, self.spaces))
-        if study.trials and self.options.seed is not None:
+        parallel = o.gpus > 1
+        study = optuna.create_study(study_name=o.study_name, storage=open_storage(o.storage),
+                                    directions=self.objectives.directions, load_if_exists=True,
+                                    sampler=make_sampler(o.sampler, parallel, o.seed, self.spaces))
+        if study.trials and o.seed is not None:
             # a resumed study must not replay the first run's proposals: move the seed on
-            study.sampler = make_sampler(self.options.sampler, parallel, self.options.seed + len(study.trials),
-                                         self.spaces)
-        stored = study.user_attrs.get("objectives")
-        if stored and stored != self.options.objectives.names:
-            raise InputError(f"study '{self.options.study_name}' was created with objectives {stored}; "
-                             "use another --study-name", field="study-name")
-        attrs = {"objectives": self.options.objectives.names, "engines": self.options.engines,
-                 "model": self.options.model, "workload": str(self.options.workload),
-                 "workload_digest": self.options.workload_digest, "gpus": self.options.gpus,
-                 "slo": str(self.options.slo) if self.options.slo else "",
-                 "spaces": {e: s.source for e, s in self.spaces.items()}}
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
-        record_run_facts(study, self.options.gpu, self.engine_versions)
-        recovered = _recover_interrupted(study)
+            study.sampler = make_sampler(o.sampler, parallel, o.seed + len(study.trials), self.spaces)
+        self.session = session = StudySession(study)
+        stored = session.record().objectives
+        if stored and stored != list(self.objectives.names):
+            raise InputError(f"study '{o.study_name}' was created with objectives {stored}, not "
+                             f"{list(self.objectives.names)}; use another --study-name", field="study-name")
+        versions = {**session.record().engine_versions, **self.engine_versions}
+        session.save_study(objectives=list(self.objectives.names), engines=o.engines, model=o.model,
+                           workload=str(o.workload), workload_digest=o.workload_digest, gpus=o.gpus,
+                           slo=str(o.slo) if o.slo else "", spaces={e: s.source for e, s in self.spaces.items()},
+                           engine_versions=versions, offered_rate=self.offered_rate,
+                           **({"gpu": o.gpu} if o.gpu else {}))
+        recovered = session.recover_interrupted()
         if recovered:
             self.say(f"resuming: {recovered} interrupted trial(s) will run again")
         if not study.trials:
-            engine = self.options.engines[0]
+            engine = o.engines[0]
             study.enqueue_trial(baseline_params(self.spaces, engine), user_attrs={"baseline": True})
-            if self.options.sampler == "grid":
+            if o.sampler == "grid":
                 grid = grid_of(self.spaces)
                 points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-                random.Random(self.options.seed).shuffle(points)
+                random.Random(o.seed).shuffle(points)
                 for params in points:
                     study.enqueue_trial(params)
+        for knob, value, reason in session.record().excluded:
+            self.say(f"note: {knob}={value} is out of the space: {reason}")
         return study
+
+    @property
+    def _session(self) -> StudySession:
+        assert self.session is not None, "open_study() first"
+        return self.session
 
     # --- output ------------------------------------------------------------------------------
     def say(self, text: str) -> None:
         if not self.options.quiet:
             print(text, flush=True)
 
-    def _progress(self, study: optuna.Study, number: int, outcome_text: str, total: int) -> None:
-        done = _finished(study)
-        points = completed_points(study)
-        best = pick(points, self.options.objectives)
-        best_text = (f"best {best.value('output_throughput'):.0f} tok/s (#{best.number})" if best
-                     else "no feasible trial yet")
+    def _best(self) -> Point | None:
+        return pick(completed_points(self._session.study), self.objectives, offered_rate=self.offered_rate)
+
+    def _progress(self, number: int, outcome_text: str, total: int) -> None:
+        done = self._session.finished()
+        best = self._best()
+        if best is None:
+            best_text = "no result yet"
+        else:
+            m = metric(self.objectives.primary)
+            value = best.get(m.name)
+            best_text = (f"best {'-' if value is None else f'{value:.4g}'} {m.unit} (#{best.number}"
+                         f"{'' if best.feasible else ', misses SLO'})")
         eta = ""
         if self.trial_wall and total:
             per_trial = (time.monotonic() - self.started) / max(1, self.measured)
@@ -291,11 +313,12 @@ class Tuner:
 
     # --- trials ------------------------------------------------------------------------------
     def _trial_spec(self, number: int, engine: str, config: dict[str, Any], baseline: bool,
-                    study: optuna.Study | None = None) -> TrialSpec:
-        """`study`: give the trial the watchers that may stop it early (never the defaults baseline)."""
+                    watch: bool = False) -> TrialSpec:
+        """`watch`: give the trial the watchers that may stop it early (never the defaults baseline)."""
         o = self.options
         launch = Launch(config=config, model=o.model, baseline=baseline, host=o.host, gpu=o.gpu or "h100",
-                        time_scale=o.sim_time_scale, python=sys.executable if engine == "sim" else o.engine_python,
+                        time_scale=o.sim_time_scale,
+                        python=sys.executable if engine == "sim" else o.engine_python,
                         extra_args=tuple(o.engine_args), extra_env=tuple(o.engine_env),
                         max_model_len=o.max_model_len, dummy_weights=o.dummy_weights)
         spec = TrialSpec(number=number, engine=engine, space=self.spaces[engine], launch=launch,
@@ -303,98 +326,123 @@ class Tuner:
                          concurrency=o.concurrency, max_concurrency=o.max_concurrency,
                          warmup_requests=o.warmup_requests, vocab_size=o.vocab_size, slo=o.slo,
                          startup_timeout_s=o.startup_timeout_s)
-        if study is not None and not baseline:
-            spec.watchers = self._watchers(study, spec)
+        if watch and not baseline:
+            spec.watchers = self._watchers(spec)
         return spec
 
-    def _watchers(self, study: optuna.Study, spec: TrialSpec) -> list[Any]:
+    def _watchers(self, spec: TrialSpec) -> list[Any]:
+        """Early stopping that never throws away a better answer: the dominance bound against the best final
+        goodput (SLO-meeting trials' while one exists), "SLO certainly lost" only once a trial meets the SLO,
+        and the successive-halving rungs (the same trace prefix for every trial)."""
         o = self.options
         watchers: list[Any] = []
         if o.slo is not None and (o.prune or o.halving):
             open_loop = o.concurrency is None
             span_s = o.requests[-1].arrival_s - o.requests[0].arrival_s if open_loop else None
-            best = max((p.summary.get("goodput") or 0.0 for p in completed_points(study) if p.feasible),
-                       default=0.0) if o.halving else 0.0
-            watchers.append(SloPruner(o.slo, len(o.requests), best_goodput=best or None, span_s=span_s))
+            points = [p for p in completed_points(self._session.study) if not p.unreliable]
+            feasible = [p for p in points if p.feasible]
+            per_gpu = max(((p.summary.get("goodput") or 0.0) / max(1, p.gpus) for p in feasible or points),
+                          default=0.0)
+            best = per_gpu * gpus_needed(spec.launch.config)
+            watchers.append(SloPruner(o.slo, len(o.requests), best_goodput=best or None, span_s=span_s,
+                                      stop_on_slo_lost=bool(feasible)))
         if o.halving:
             clock = get_engine(spec.engine).clock_scale(spec.launch)
             watchers.append(RungWatch(copy.deepcopy(self.halving), o.requests, o.slo, clock_scale=clock))
         return watchers
 
-    def _record(self, study: optuna.Study, spec: TrialSpec, outcome: TrialOutcome | None, error: str,
-                total: int) -> None:
-        number = spec.number
-        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-        storage = study._storage
+    def _record(self, spec: TrialSpec, outcome: TrialOutcome | None, error: str, total: int) -> None:
+        number, session = spec.number, self._session
         self.measured += 1
         if outcome is None:  # the trial raised inside its actor (a lost actor goes through _record_lost)
             outcome = TrialOutcome(number=number, ok=False, command=[], failure=FailureClass.CRASH,
                                    message=f"trial raised in its actor: {error}")
         self.trial_wall.append(outcome.ended_at - outcome.started_at)
-        storage.set_trial_user_attr(trial_id, "command", outcome.command)
-        storage.set_trial_user_attr(trial_id, "wall_s", round(outcome.ended_at - outcome.started_at, 2))
-        storage.set_trial_user_attr(trial_id, "ready_s", round(outcome.ready_s, 2))
-        storage.set_trial_user_attr(trial_id, "teardown", {"port_released": outcome.port_released,
-                                                           "gpu_memory_released": outcome.gpu_memory_released})
+        session.save(number, command=outcome.command, wall_s=round(outcome.ended_at - outcome.started_at, 2),
+                     ready_s=round(outcome.ready_s, 2),
+                     teardown={"port_released": outcome.port_released,
+                               "gpu_memory_released": outcome.gpu_memory_released},
+                     startup_phases=getattr(outcome, "startup_phases", None) or {})
         watch = next((w for w in outcome.watchers if isinstance(w, RungWatch)), None)
         if watch is not None:
             for rung, score in enumerate(watch.scores):
                 self.halving.record(rung, score)
-            storage.set_trial_user_attr(trial_id, "rung_scores", rung_scores_attr(watch.scores))
+            session.save(number, rung_scores=rung_scores_attr(watch.scores))
         if outcome.ok and outcome.stopped:
-            text = self._record_stopped(study, spec, outcome, trial_id)
+            text = self._record_stopped(spec, outcome)
         elif outcome.ok:
-            values = self.options.objectives.values(outcome.summary)
+            gpus = gpus_needed(spec.launch.config)
+            values = self.objectives.values(outcome.summary, gpus)
             constraints = slo_constraints(self.options.slo, outcome.summary)
-            storage.set_trial_user_attr(trial_id, "summary", outcome.summary)
-            storage.set_trial_user_attr(trial_id, "engine_metrics", outcome.engine_metrics)
-            storage.set_trial_user_attr(trial_id, "constraints", constraints)
-            live_trial = optuna.trial.Trial(study, trial_id)
-            for target, value in zip(self.options.slo.targets if self.options.slo else (), constraints):
-                live_trial.set_constraint(target.name, value)
-            study.tell(number, values)
-            lat = " ".join(f"{m} {v:.0f}ms" for m, v in zip(self.options.objectives.latency, values[1:]))
-            text = f"{values[0]:.0f} tok/s {lat}" + (" (misses SLO)" if any(c > 0 for c in constraints) else "")
+            unreliable = unreliable_reasons(outcome.summary, outcome.engine_metrics)
+            session.save(number, summary=outcome.summary, engine_metrics=outcome.engine_metrics,
+                         constraints=constraints, unreliable=unreliable)
+            session.tell_values(number, values, dict(zip(
+                (t.name for t in self.options.slo.targets) if self.options.slo else (), constraints)))
+            shown = " ".join(f"{n} {v:.4g}" for n, v in zip(self.objectives.names, values))
+            text = shown + (" (misses SLO)" if any(c > 0 for c in constraints) else "") + (
+                f" UNRELIABLE ({'; '.join(unreliable)})" if unreliable else "")
         else:
-            storage.set_trial_user_attr(trial_id, "failure", outcome.failure)
-            storage.set_trial_user_attr(trial_id, "message", outcome.message)
-            storage.set_trial_user_attr(trial_id, "log_tail", outcome.log_tail[-4000:])
-            study.tell(number, state=TrialState.FAIL)
+            session.tell_failed(number, outcome.failure or FailureClass.CRASH, outcome.message,
+                                log_tail=outcome.log_tail[-4000:])
             text = f"FAILED ({outcome.failure}: {outcome.message})"
+            if str(outcome.failure) == "environment":
+                self._exclude_missing_module(spec, outcome.message + "\n" + outcome.log_tail)
         if self.tracker is not None:
             state = "PRUNED" if outcome.stopped else "COMPLETE" if outcome.ok else "FAIL"
             self.tracker.log_trial(number, spec.engine, spec.launch.config, outcome.command, state,
                                    outcome.summary, outcome.engine_metrics,
                                    self._tags(spec.engine), outcome.failure, outcome.message,
                                    [outcome.log_path, outcome.rows_csv, outcome.summary_json])
-        self._progress(study, number, text, total)
+        self._progress(number, text, total)
 
-    def _record_stopped(self, study: optuna.Study, spec: TrialSpec, outcome: TrialOutcome, trial_id: int) -> str:
+    def _exclude_missing_module(self, spec: TrialSpec, text: str) -> None:
+        """An engine install that lacks a module: the knob values that need it leave the space for the rest
+        of the study (values whose `needs` name the module; without such a mark, the trial's non-default
+        quantization and attention backend)."""
+        module = missing_module(text)
+        if module is None:
+            return
+        space = self.spaces[spec.engine]
+        pairs = []
+        for name, value in spec.launch.config.items():
+            knob = space.knobs.get(name)
+            needs = getattr(knob, "needs", None) or {}
+            modules = needs.get(value) or needs.get(str(value)) or []
+            if any(module == m or module.startswith(m + ".") or m.startswith(module + ".") for m in modules):
+                pairs.append((name, value))
+        if not pairs:
+            pairs = [(n, v) for n, v in spec.launch.config.items()
+                     if n in ("quantization", "attention_backend", "speculative_method")
+                     and getattr(space.knobs.get(n), "default", None) != v]
+        if not pairs:
+            return
+        excluded = self._session.record().excluded
+        for name, value in pairs:
+            reason = f"the engine's Python cannot import '{module}' (trial {spec.number})"
+            excluded.append([name, value, reason])
+            self.say(f"note: {name}={value} leaves the space: {reason}")
+        self._session.save_study(excluded=excluded)
+
+    def _record_stopped(self, spec: TrialSpec, outcome: TrialOutcome) -> str:
         """A trial a watcher stopped: PRUNED, with why, what it had measured, and its SLO constraints so
         that the samplers still learn how far it was from the SLO."""
-        o, storage = self.options, study._storage
+        o, session = self.options, self._session
         pruner = next((w for w in outcome.watchers if isinstance(w, SloPruner)), None)
         watch = next((w for w in outcome.watchers if isinstance(w, RungWatch)), None)
         stopped = dict(outcome.stopped or {})
         clock = get_engine(spec.engine).clock_scale(spec.launch)
         # a full replay lasts at least until the last scheduled arrival, and about as long as the defaults'
-        defaults_s = [t.user_attrs["measure_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                      if t.user_attrs.get("baseline") and "measure_s" in t.user_attrs]
+        defaults_s = [r.measure_s for r in session.records((TrialState.COMPLETE,)) if r.baseline and r.measure_s]
         full_s = max([(o.requests[-1].arrival_s - o.requests[0].arrival_s) / clock, *defaults_s])
         rest_s = max(0.0, full_s - stopped["elapsed_s"])
         stopped["saved_gpu_s"] = round(rest_s * gpus_needed(spec.launch.config), 3)
         self.saved_gpu_s += stopped["saved_gpu_s"]
         self.stopped += 1
         constraints = stopped_constraints(o.slo, pruner, watch) if o.slo else {}
-        storage.set_trial_user_attr(trial_id, "stopped", stopped)
-        storage.set_trial_user_attr(trial_id, "message", stopped["reason"])
-        storage.set_trial_user_attr(trial_id, "summary", outcome.summary)
-        storage.set_trial_user_attr(trial_id, "engine_metrics", outcome.engine_metrics)
-        storage.set_trial_user_attr(trial_id, "constraints", list(constraints.values()))
-        live_trial = optuna.trial.Trial(study, trial_id)
-        for name, value in constraints.items():
-            live_trial.set_constraint(name, value)
-        study.tell(spec.number, state=TrialState.PRUNED)
+        session.save(number := spec.number, stopped=stopped, message=stopped["reason"], summary=outcome.summary,
+                     engine_metrics=outcome.engine_metrics, constraints=list(constraints.values()))
+        session.tell_pruned(number, constraints)
         return f"PRUNED after {stopped['finished']}/{len(o.requests)} requests ({stopped['kind']}: {stopped['reason']})"
 
     def _tags(self, engine: str) -> dict[str, str]:
@@ -410,6 +458,7 @@ class Tuner:
 
         o = self.options
         study = self.open_study()
+        session = self._session
         total = o.trials or 0
         if o.mlflow_uri:
             from tuner.tracking.mlflow_log import StudyTracker
@@ -417,13 +466,13 @@ class Tuner:
             self.tracker = StudyTracker(o.mlflow_uri, "servetune", o.study_name,
                                         self.run_dir / "mlflow-buffer.jsonl", say=self.say)
             self.tracker.log_study({"workload": o.workload, "model": o.model, "engines": ",".join(o.engines),
-                                    "gpus": o.gpus, "objectives": ",".join(o.objectives.names),
+                                    "gpus": o.gpus, "objectives": ",".join(self.objectives.names),
                                     "slo": str(o.slo) if o.slo else "", "sampler": o.sampler,
                                     "optuna_storage": o.storage},
                                    {"trace_sha256": o.workload_digest,
                                     "simulated": str(o.engines == ["sim"]).lower()})
         self.halving = SuccessiveHalving.from_study(study, eta=o.eta)
-        already = _finished(study)
+        already = session.finished()
         if o.trials is not None and already >= o.trials:
             self.say(f"study '{o.study_name}' already has {already} finished trials (asked for {o.trials})")
             if not (o.finalists or o.capacity):
@@ -445,19 +494,22 @@ class Tuner:
         self.say(f"study '{o.study_name}': {already} trials done, running up to "
                  f"{(o.trials or 0) - already if o.trials else 'unbounded'} more on {pool.total_gpus} GPU(s)"
                  f"{f' of {len(pool.node_gpus)} nodes' if len(pool.node_gpus) > 1 else ''}, "
-                 f"engine(s) {', '.join(o.engines)}{' (SIMULATED)' if o.engines == ['sim'] else ''}")
+                 f"engine(s) {', '.join(o.engines)}{' (SIMULATED)' if o.engines == ['sim'] else ''}; "
+                 f"objective{'s' if len(self.objectives.names) > 1 else ''} {', '.join(self.objectives.names)}")
         self.campaign = Campaign(gpus=pool.total_gpus, started_at=time.time())
         try:
             while True:
-                self._launch_fitting(study, pending, pool)
+                self._launch_fitting(pending, pool)
                 out_of_time = deadline is not None and time.monotonic() >= deadline
                 if out_of_time and pending:
-                    self._put_back(study, pending)
+                    for proposal in pending:
+                        session.put_back(proposal.number)
+                    pending.clear()
                 wanted = not out_of_time and rejected <= MAX_REJECTED_PER_TRIAL * max(1, o.trials or 1) and (
-                    o.trials is None or _finished(study) + len(pool) + len(pending) < o.trials)
+                    o.trials is None or session.finished() + len(pool) + len(pending) < o.trials)
                 reserved = any(p.passed_over >= self.pass_over_limit for p in pending)
                 if wanted and pool.free_gpus > 0 and len(pending) < lookahead and not reserved:
-                    proposal = self._propose(study, pool.largest_node)
+                    proposal = self._propose(pool.largest_node)
                     if proposal is None:
                         rejected += 1
                     else:
@@ -465,47 +517,57 @@ class Tuner:
                     continue
                 if not wanted and not pending and not len(pool):
                     break
-                self._collect(study, pool, pending, total)
-            self._finals(study, pool)
+                self._collect(pool, pending, total)
+            self._finals(pool)
         finally:
             pool.close()
-            if rejected - self.avoided:
-                self.say(f"{rejected - self.avoided} proposed configuration(s) broke a known constraint and "
-                         "never launched")
+            never = rejected - self.avoided - self.excluded_hits
+            if never:
+                self.say(f"{never} proposed configuration(s) broke a known constraint and never launched")
             if self.avoided:
                 self.say(f"{self.avoided} launch(es) avoided: predicted to fail like configurations that did")
+            if self.excluded_hits:
+                self.say(f"{self.excluded_hits} proposal(s) held a value that left the space; not launched")
             if self.stopped:
-                self.say(f"{self.stopped} trial(s) stopped early (SLO certainly lost, beaten, or screened out); "
-                         f"about {self.saved_gpu_s:.1f} GPU-s of replay not run (against the defaults' full replay)")
+                self.say(f"{self.stopped} trial(s) stopped early (goodput bound below the best, SLO lost once "
+                         f"another met it, or screened out); about {self.saved_gpu_s:.1f} GPU-s of replay not run "
+                         "(against the defaults' full replay)")
         self._report_campaign()
         return study
 
-    def _propose(self, study: optuna.Study, largest_node: int) -> _Proposal | None:
+    def _propose(self, largest_node: int) -> _Proposal | None:
         """Ask Optuna for a configuration; None when a known constraint rejects it (recorded as such)."""
-        trial = study.ask()
+        session = self._session
+        trial = session.ask()
         baseline = bool(trial.user_attrs.get("baseline"))
         engine, config = suggest_config(trial, self.spaces, baseline)
-        trial.set_user_attr("engine", engine)
-        trial.set_user_attr("config", config)
+        session.save(trial.number, engine=engine, config=config, gpus=gpus_needed(config))
         need = gpus_needed(config)
         reasons = violations(config, self.context)
         if not reasons and need > largest_node:
             reasons = [f"TP×PP×DP = {need} GPUs must share one node; the largest node has {largest_node}"]
         if reasons:
-            trial.set_user_attr("failure", FailureClass.CONSTRAINT)
-            trial.set_user_attr("message", "; ".join(reasons))
-            study.tell(trial, state=TrialState.FAIL)
+            session.tell_failed(trial.number, FailureClass.CONSTRAINT, "; ".join(reasons))
             return None
-        if not baseline:  # hidden constraints: like configurations that failed on a server
-            model = FeasibilityModel(self.spaces[engine]).fit(observations_from_study(study, engine))
+        if not baseline:
+            gone = [f"{knob}={value}: {reason}" for knob, value, reason in session.record().excluded
+                    if knob in config and str(config[knob]) == str(value)]
+            if gone:  # tell it as infeasible so that the samplers learn to stay away
+                session.live.pop(trial.number)
+                tell_infeasible(session.study, trial, PREDICTED_INFEASIBLE, "left the space: " + "; ".join(gone))
+                self.excluded_hits += 1
+                return None
+            # hidden constraints: like configurations that failed on a server
+            model = FeasibilityModel(self.spaces[engine]).fit(observations_from_study(session.study, engine))
             verdict = model.verdict(config)
             if not verdict.launch:
-                tell_infeasible(study, trial, PREDICTED_INFEASIBLE, verdict.reason, verdict.p_fail)
+                session.live.pop(trial.number)
+                tell_infeasible(session.study, trial, PREDICTED_INFEASIBLE, verdict.reason, verdict.p_fail)
                 self.avoided += 1
                 return None
         return _Proposal(trial.number, engine, config, baseline, need)
 
-    def _launch_fitting(self, study: optuna.Study, pending: list[_Proposal], pool: TrialPool) -> None:
+    def _launch_fitting(self, pending: list[_Proposal], pool: TrialPool) -> None:
         """Launch, oldest first, every pending proposal that fits now. One that smaller ones passed over
         `pass_over_limit` times holds back those behind it until it fits, so a large trial is not starved."""
         waiting: list[_Proposal] = []
@@ -513,28 +575,16 @@ class Tuner:
             if any(w.passed_over >= self.pass_over_limit for w in waiting):
                 break
             if pool.fits(proposal.need):
-                study._storage.set_trial_user_attr(study._storage.get_trial_id_from_study_id_trial_number(
-                    study._study_id, proposal.number), "launched_at", time.time())
+                self._session.save(proposal.number, launched_at=time.time())
                 pool.submit(self._trial_spec(proposal.number, proposal.engine, proposal.config, proposal.baseline,
-                                             study), proposal.need)
+                                             watch=True), proposal.need)
                 pending.remove(proposal)
                 for w in waiting:
                     w.passed_over += 1
             else:
                 waiting.append(proposal)
 
-    def _put_back(self, study: optuna.Study, pending: list[_Proposal]) -> None:
-        """Out of time: proposals never launched are marked interrupted and queued for a resumed run."""
-        for proposal in pending:
-            trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-                study._study_id, proposal.number))
-            study._storage.set_trial_user_attr(trial._trial_id, "failure", FailureClass.INTERRUPTED)
-            study.tell(proposal.number, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"baseline": True} if proposal.baseline else {},
-                                skip_if_exists=False)
-        pending.clear()
-
-    def _collect(self, study: optuna.Study, pool: TrialPool, pending: list[_Proposal], total: int) -> None:
+    def _collect(self, pool: TrialPool, pending: list[_Proposal], total: int) -> None:
         """Record the next trial to finish; with none of ours running, wait for GPUs others hold."""
         if not len(pool):
             if not pool.wait_for_room(min((p.need for p in pending), default=1)):
@@ -543,16 +593,15 @@ class Tuner:
         finished = pool.wait_one(timeout_s=5.0 if pool.shared_cluster else None)
         if finished is None:
             return
-        self._record_placement(study, finished)
+        self._record_placement(finished)
         if finished.lost:
-            self._record_lost(study, finished, total)
+            self._record_lost(finished, total)
         else:
-            self._record(study, finished.spec, finished.outcome, finished.error, total)
+            self._record(finished.spec, finished.outcome, finished.error, total)
 
-    def _record_placement(self, study: optuna.Study, finished: Finished) -> None:
-        """Where and when the trial ran (user attrs, and a span of this campaign's schedule)."""
+    def _record_placement(self, finished: Finished) -> None:
+        """Where and when the trial ran (record fields, and a span of this campaign's schedule)."""
         spec, outcome, where = finished.spec, finished.outcome, finished.placement
-        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, spec.number)
         gpus = gpus_needed(spec.launch.config)
         attrs: dict[str, Any] = {"gpus": gpus, "node": finished.node_id or (where.node_id if where else "")}
         if where is not None:
@@ -566,42 +615,38 @@ class Tuner:
                 number=spec.number, gpus=gpus, gpu_ids=where.gpu_ids if where else (), node_id=attrs["node"],
                 started_at=outcome.started_at, ready_s=outcome.ready_s, measure_s=measure_s,
                 ended_at=outcome.ended_at, ok=outcome.ok))
-        for key, value in attrs.items():
-            study._storage.set_trial_user_attr(trial_id, key, value)
+        self._session.save(spec.number, **attrs)
 
-    def _record_lost(self, study: optuna.Study, finished: Finished, total: int) -> None:
+    def _record_lost(self, finished: Finished, total: int) -> None:
         """The actor or its node died mid-trial: fail the trial with the cause and queue its configuration
         once more (Ray places it again, elsewhere if the node is gone); a second loss stays failed."""
-        spec = finished.spec
-        storage = study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, spec.number)
-        trial = storage.get_trial(trial_id)
-        again = "requeued_from" not in trial.user_attrs
+        from tuner.runner.pool import LOST
+
+        spec, session = finished.spec, self._session
+        again = session.trial_record(spec.number).requeued_from is None
         if again:
-            storage.set_trial_user_attr(trial_id, "requeued", True)
-            study.enqueue_trial(trial.params, skip_if_exists=False, user_attrs={
-                "requeued_from": spec.number, **({"baseline": True} if trial.user_attrs.get("baseline") else {})})
+            session.save(spec.number, requeued=True)
+            session.requeue(spec.number, spec.number)
         reaped = f"; killed {len(finished.reaped)} leftover server process(es)" if finished.reaped else ""
         message = (f"trial actor lost ({finished.error}){reaped}; "
                    + ("its configuration is queued to run again" if again else "lost twice, not retried"))
-        from tuner.runner.pool import LOST
-
         outcome = TrialOutcome(number=spec.number, ok=False, command=[], failure=LOST, message=message)
-        self._record(study, spec, outcome, finished.error, total)
+        self._record(spec, outcome, finished.error, total)
 
     # --- after the search ------------------------------------------------------------------------
-    def _finals(self, study: optuna.Study, pool: TrialPool) -> None:
-        """The best configurations measured again, `repeats` times with re-timed arrivals (mean and 95%
-        CI), and with `capacity` searched for the highest rate each sustains within the SLO. Results go to
-        the study's user attribute `finals` (trial number -> `remeasured`, `capacity`); a rerun does not redo them."""
-        o = self.options
+    def _finals(self, pool: TrialPool) -> None:
+        """The best configurations and the defaults measured again, `repeats` times each on fresh servers with
+        re-timed arrivals (mean and 95% CI), and with `capacity` the highest rate each best one sustains within
+        the SLO. Results go to the study record's `finals` (trial number -> `remeasured`, `capacity`); a rerun
+        does not redo them. Unreliable measurements are neither chosen nor counted."""
+        o, session = self.options, self._session
         count = o.finalists or (3 if o.capacity else 0)
-        chosen = finalists(completed_points(study), count) if count else []
+        chosen = self._finalists(count) if count else []
         if not chosen:
             if count:
                 self.say("no completed trial to measure again")
             return
-        finals: dict[str, dict[str, Any]] = dict(study.user_attrs.get("finals", {}))
+        finals: dict[str, dict[str, Any]] = dict(session.record().finals)
         seed = (o.seed or 0) + 1000
         span_s = o.requests[-1].arrival_s - o.requests[0].arrival_s
         runs: list[TrialSpec] = []
@@ -615,7 +660,7 @@ class Tuner:
                     spec = self._trial_spec(point.number, point.engine, point.config, point.baseline)
                     spec.requests, spec.label = retimed(o.requests, seed + k), f"repeat-{k + 1}"
                     runs.append(spec)
-            if o.capacity and "capacity" not in done and o.slo is not None and span_s > 0:
+            if o.capacity and "capacity" not in done and o.slo is not None and span_s > 0 and not point.baseline:
                 spec = self._trial_spec(point.number, point.engine, point.config, point.baseline)
                 spec.label = "capacity"
                 spec.measure = CapacitySearch(o.slo, start=(len(o.requests) - 1) / span_s,
@@ -623,8 +668,8 @@ class Tuner:
                 runs.append(spec)
         if runs:
             again = sum(1 for spec in runs if spec.label != "capacity")
-            self.say(f"\nfinalists: trials {', '.join(str(p.number) for p in chosen)}: {again} re-timed replay(s), "
-                     f"{len(runs) - again} capacity search(es)")
+            self.say(f"\nfinalists: trials {', '.join(str(p.number) for p in chosen)} (defaults included): "
+                     f"{again} re-timed replay(s) on fresh servers, {len(runs) - again} capacity search(es)")
         repeats: dict[int, list[TrialOutcome | None]] = {}
         for spec, outcome in self._run_all(pool, runs):
             if spec.label != "capacity":
@@ -632,17 +677,38 @@ class Tuner:
             elif outcome is not None and outcome.ok:
                 finals.setdefault(str(spec.number), {})["capacity"] = outcome.measured.as_attrs()
         for number, outcomes in repeats.items():
-            summaries = [r.summary for r in outcomes if r is not None and r.ok]
+            kept = [r for r in outcomes if r is not None and r.ok]
+            summaries = [r.summary for r in kept if not unreliable_reasons(r.summary, r.engine_metrics)]
             if summaries:
                 finals.setdefault(str(number), {})["remeasured"] = {
-                    "repeats": len(summaries), "failed": len(outcomes) - len(summaries),
+                    "repeats": len(summaries), "failed": len(outcomes) - len(kept),
+                    "unreliable": len(kept) - len(summaries),
                     "estimates": {k: {"mean": e.mean, "low": e.low, "high": e.high, "values": list(e.values)}
                                   for k, e in estimates_of(summaries).items()}}
-        study.set_user_attr("finals", finals)
+        session.save_study(finals=finals)
+
+    def _finalists(self, count: int) -> list[Point]:
+        """The `count` best distinct configurations by the study's ranking (`pareto.pick`), and the defaults."""
+        rest = [p for p in completed_points(self._session.study) if not p.unreliable]
+        chosen: list[Point] = []
+        seen: set[tuple] = set()
+        while rest and len(chosen) < count:
+            best = pick(rest, self.objectives, offered_rate=self.offered_rate)
+            assert best is not None
+            rest = [p for p in rest if p is not best]
+            signature = tuple(sorted((k, str(v)) for k, v in best.config.items()))
+            if signature not in seen:
+                seen.add(signature)
+                chosen.append(best)
+        baseline = next((p for p in completed_points(self._session.study) if p.baseline), None)
+        if baseline is not None and not any(p.baseline for p in chosen):
+            chosen.append(baseline)
+        return chosen
 
     def _run_all(self, pool: TrialPool, specs: list[TrialSpec]) -> list[tuple[TrialSpec, TrialOutcome | None]]:
         """Run `specs` on the pool, as many at once as the GPUs allow; (spec, outcome or None) in finishing order."""
-        queue, done = list(specs), []
+        queue: list[TrialSpec] = list(specs)
+        done: list[tuple[TrialSpec, TrialOutcome | None]] = []
         while queue or len(pool):
             while queue and pool.fits(gpus_needed(queue[0].launch.config)):
                 spec = queue.pop(0)
@@ -658,7 +724,8 @@ class Tuner:
             text = ("lost or raised: " + finished.error if outcome is None
                     else f"FAILED ({outcome.failure}: {outcome.message})" if not outcome.ok
                     else f"capacity {outcome.measured}" if outcome.measured is not None
-                    else f"{outcome.summary.get('output_throughput', 0):.0f} tok/s")
+                    else f"goodput {outcome.summary.get('goodput') or 0:.3g} req/s, "
+                         f"{outcome.summary.get('output_throughput', 0):.0f} tok/s")
             self.say(f"[finalists {len(done)}/{len(specs)}] trial {finished.spec.number} "
                      f"{finished.spec.label}: {text}")
         return done

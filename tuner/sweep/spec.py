@@ -215,7 +215,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         name=name, path=path, cells=cells,
         trials=_number(data.get("trials", 6), "trials", where, int, 1),
         slo=parsed("slo", lambda v: parse_slo(str(v))) if data.get("slo") else None,
-        objectives=parsed("latency", lambda v: Objectives.parse(str(v))) if data.get("latency") else Objectives(),
+        objectives=parsed("latency", lambda v: Objectives.legacy(str(v))) if data.get("latency") else None,
         sim_time_scale=_number(data.get("sim_time_scale", 10.0), "sim_time_scale", where, float, 1e-9),
         sampler=parsed("sampler", _sampler) if "sampler" in data else "tpe",
         seed=None if data.get("seed", 1) is None else _number(data.get("seed", 1), "seed", where, int, 0),

@@ -37,7 +37,7 @@ def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, 
                    c=["tab:gray" if p.feasible else "tab:red" for p in others], alpha=0.6, label="trials")
         ax.scatter([p.value(metric) for p in front], [p.value(THROUGHPUT) for p in front], color="tab:blue",
                    label="Pareto-optimal (all objectives)")
-        ordered = sorted(pareto_front(points, Objectives(latency=(metric,))), key=lambda p: p.value(metric))
+        ordered = sorted(pareto_front(points, Objectives((THROUGHPUT, metric))), key=lambda p: p.value(metric))
         ax.step([p.value(metric) for p in ordered], [p.value(THROUGHPUT) for p in ordered], where="post",
                 color="tab:blue", alpha=0.6, label=f"front: throughput vs {metric}")
         for p in points:
