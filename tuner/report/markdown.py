@@ -41,7 +41,12 @@ def _slo_text(result: StudyResult) -> str:
 
 
 def _recommendation_text(result: StudyResult) -> str:
-    return f"highest throughput{' within the SLO' if result.slo else ''}"
+    primary = result.objectives.primary
+    if result.slo is None:
+        return f"best {primary}"
+    if result.best is not None and not result.best.feasible:
+        return f"best {primary}; no trial met every SLO percentile"
+    return f"best {primary} within the SLO"
 
 
 def facts_table(result: StudyResult) -> str:
@@ -63,13 +68,18 @@ def facts_table(result: StudyResult) -> str:
 def front_markdown(result: StudyResult) -> str:
     shown = result.front + ([result.baseline] if result.baseline and result.baseline not in result.front else [])
     knobs = result.knobs_that_differ(shown)
-    header = ["trial", "engine", "tok/s", *(f"{m} ms" for m in result.objectives.latency), "goodput req/s",
-              "SLO", *knobs]
+    with_slo = result.slo is not None
+    several = len({p.gpus for p in shown}) > 1
+    header = ["trial", "engine", *(["goodput req/s", "SLO"] if with_slo else []), *(["GPUs"] if several else []),
+              "tok/s", *(f"{m} ms" for m in result.objectives.latency), *knobs]
     rows = []
     for p in shown:
-        rows.append([f"{p.number} (defaults)" if p.baseline else str(p.number), p.engine,
+        name = f"{p.number} (defaults)" if p.baseline else str(p.number)
+        rows.append([name + (" (unreliable)" if p.unreliable else ""), p.engine,
+                     *([_goodput(result, p), "ok" if p.feasible else "miss"] if with_slo else []),
+                     *([p.gpus] if several else []),
                      _num(p.value(THROUGHPUT)), *(_num(p.value(m), 1) for m in result.objectives.latency),
-                     _goodput(result, p), "ok" if p.feasible else "miss", *(p.config.get(k, "-") for k in knobs)])
+                     *(p.config.get(k, "-") for k in knobs)])
     note = ("The row marked *(defaults)* is trial 0, the engine's own defaults (the baseline); "
             "it is shown even when it is not on the front.")
     return md_table(header, rows) + "\n\n" + note
@@ -78,8 +88,10 @@ def front_markdown(result: StudyResult) -> str:
 def best_vs_baseline(result: StudyResult) -> str:
     best, base = result.best, result.baseline
     if best is None:
-        return "No trial met the SLO: relax it or widen the search space."
+        return "No trial completed."
     lines = [f"Trial {best.number} ({_recommendation_text(result)}):", "", "```", shlex.join(best.command), "```"]
+    if result.recommendation is not None:
+        lines += ["", *(f"- {line}" for line in result.recommendation.lines()[1:])]
     if base is None:
         return "\n".join(lines + ["", "The defaults baseline did not complete, so there is nothing to compare with."])
     ratios = result.ratios()
@@ -126,7 +138,8 @@ def finals_rows(result: StudyResult) -> tuple[list[str], list[list]]:
     rows = []
     for number, final in sorted(result.finals.items()):
         again = final.get("remeasured", {})
-        rows.append([number, again.get("repeats", "-"),
+        label = f"{number} (defaults)" if result.baseline is not None and number == result.baseline.number else number
+        rows.append([label, again.get("repeats", "-"),
                      *(_estimate(again.get("estimates", {}).get(m), d) for m, _, d in shown),
                      _capacity(final.get("capacity"))])
     return header, rows
@@ -190,11 +203,11 @@ def console_text(result: StudyResult, importances: Importances) -> str:
     if not result.points:
         return "no trial completed: see the failures above"
     lines = ["", f"Pareto front (throughput vs {', '.join(result.objectives.latency)}):", front_text(result)]
-    if result.best is None:
-        lines += ["", "no trial met the SLO; relax it or widen the space"]
-    else:
+    if result.best is not None:
         lines += ["", f"recommended (trial {result.best.number}, {_recommendation_text(result)}):",
                   f"  {shlex.join(result.best.command)}"]
+        if result.recommendation is not None:
+            lines += [f"  {line}" for line in result.recommendation.lines()]
         ratio = result.ratios().get(THROUGHPUT)
         if ratio is not None and result.baseline is not None:
             lines.append(f"  throughput ×{ratio:.2f} vs the engine's defaults (trial {result.baseline.number})")

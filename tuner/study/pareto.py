@@ -2,7 +2,7 @@
 
 The pick ranks by the study's first objective (goodput, per GPU where trials use different numbers of
 GPUs, when the study has an SLO): configurations that meet the SLO first, then reliable measurements,
-then the objective. It never comes back empty while a trial completed: with no configuration meeting
+then the objective, then the smallest SLO miss. It never comes back empty while a trial completed: with no configuration meeting
 the SLO it is the best of the rest (`tuner.study.recommend` says what it misses). When the trace offers
 less load than the servers take (they all finish at the offered rate), objective values within
 `LOAD_BOUND_TIE` of the best are a tie: fewer GPUs, then the lower first latency, win.
@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from tuner.loadgen.slo import parse_slo
 from tuner.metrics import metric
 from tuner.study.objectives import THROUGHPUT, Objectives
 from tuner.study.records import records
@@ -44,6 +45,18 @@ class Point:
 
     def get(self, name: str) -> float | None:
         return metric(name).value(self.summary, self.gpus)
+
+    @property
+    def slo_excess(self) -> float:
+        """How far the worst SLO percentile is above its limit (value / limit); 0 within every limit."""
+        slo_text, values = self.summary.get("slo"), self.summary.get("slo_value_ms") or {}
+        if not slo_text:
+            return 0.0
+        worst = 0.0
+        for target in parse_slo(slo_text).targets:
+            value = values.get(target.name)
+            worst = max(worst, float("inf") if value is None else value / target.limit_ms)
+        return worst if worst > 1 else 0.0
 
     def load_bound(self, offered_rate: float) -> bool:
         served = self.summary.get("request_throughput") or 0.0
@@ -87,7 +100,7 @@ def pick(points: list[Point], objectives: Objectives, prefer: str = "throughput"
             return -float("inf")
         return value if primary.maximize else -value
 
-    ranked = sorted(points, key=lambda p: (p.feasible, not p.unreliable, score(p)), reverse=True)
+    ranked = sorted(points, key=lambda p: (p.feasible, not p.unreliable, score(p), -p.slo_excess), reverse=True)
     top = ranked[0]
     peers = [p for p in ranked if (p.feasible, not p.unreliable) == (top.feasible, not top.unreliable)]
     if all(p.load_bound(offered_rate) for p in peers[:2]) and score(top) > 0:

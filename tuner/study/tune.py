@@ -339,7 +339,8 @@ class Tuner:
         if o.slo is not None and (o.prune or o.halving):
             open_loop = o.concurrency is None
             span_s = o.requests[-1].arrival_s - o.requests[0].arrival_s if open_loop else None
-            points = [p for p in completed_points(self._session.study) if not p.unreliable]
+            points = completed_points(self._session.study)
+            points = [p for p in points if not p.unreliable] or points
             feasible = [p for p in points if p.feasible]
             per_gpu = max(((p.summary.get("goodput") or 0.0) / max(1, p.gpus) for p in feasible or points),
                           default=0.0)
