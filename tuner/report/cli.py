@@ -37,10 +37,10 @@ def _sqlite_dir(storage: str) -> Path | None:
     return path.parent
 
 
-def _where(item: str, default_storage: str, runs_dir: str | None) -> tuple[str, str, Path | None]:
+def _where(item: str, fallback_store: str, runs_dir: str | None) -> tuple[str, str, Path | None]:
     """`NAME` or `NAME@STORAGE_URL` -> (name, storage, folder of the trials' run folders)."""
     name, sep, storage = item.partition("@")
-    storage = storage if sep else default_storage
+    storage = storage if sep else fallback_store
     storage_dir = _sqlite_dir(storage)
     return name, storage, Path(runs_dir) if runs_dir else storage_dir
 
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from tuner.loadgen.slo import parse_slo
     from tuner.report.write import log_to_mlflow, write_comparison, write_study_report
 
-    default_storage = args.storage or f"sqlite:///{(DEFAULT_RUNS / 'optuna.db').resolve()}"
-    studies = [_where(item, default_storage, args.runs_dir) for item in args.studies]
+    fallback_store = args.storage or f"sqlite:///{(DEFAULT_RUNS / 'optuna.db').resolve()}"
+    studies = [_where(item, fallback_store, args.runs_dir) for item in args.studies]
     slo = parse_slo(args.slo) if args.slo else None
     several = len(studies) > 1
     if args.out:

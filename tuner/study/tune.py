@@ -34,21 +34,13 @@ from tuner.study.objectives import Objectives, default_objectives, slo_constrain
 from tuner.study.pareto import Point, completed_points, pick
 from tuner.study.pruning import SloPruner
 from tuner.study.sampling import baseline_params, suggest_config
+from tuner.study.scheduler import MAX_REJECTED_PER_TRIAL, Proposal, Scheduler
 from tuner.study.session import StudySession
 from tuner.study.storage import cluster_notes, open_storage
 from tuner.workload.request import TraceRequest
 
 if TYPE_CHECKING:
     from tuner.runner.pool import Finished, TrialPool
-
-MAX_REJECTED_PER_TRIAL = 50
-# Packing (Tuner.run): up to LOOKAHEAD_PER_GPU × GPUs proposals wait for GPUs while later, smaller ones
-# use the idle GPUs; one that PASS_OVER_PER_GPU × GPUs launches have passed then holds GPUs back until
-# it fits. Twice the GPUs for both came out best for equal-length trials of 1 to 8 GPUs on 8 GPUs in
-# a model of the loop: smaller values drain GPUs for large trials more often.
-LOOKAHEAD_PER_GPU = 2
-PASS_OVER_PER_GPU = 2
-
 
 @dataclass
 class TuneOptions:
@@ -157,18 +149,6 @@ def make_sampler(name: str, parallel: bool, seed: int | None,
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     raise InputError(f"unknown sampler '{name}' (tpe, nsga2, random, grid)", field="sampler")
-
-
-@dataclass
-class _Proposal:
-    """A configuration Optuna proposed that waits for enough GPUs on one node."""
-
-    number: int
-    engine: str
-    config: dict[str, Any]
-    baseline: bool
-    need: int
-    passed_over: int = 0
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -469,7 +449,7 @@ class Tuner:
             self.tracker.log_study({"workload": o.workload, "model": o.model, "engines": ",".join(o.engines),
                                     "gpus": o.gpus, "objectives": ",".join(self.objectives.names),
                                     "slo": str(o.slo) if o.slo else "", "sampler": o.sampler,
-                                    "optuna_storage": o.storage},
+                                    "storage": o.storage},
                                    {"trace_sha256": o.workload_digest,
                                     "simulated": str(o.engines == ["sim"]).lower()})
         self.halving = SuccessiveHalving.from_study(study, eta=o.eta)
@@ -487,10 +467,6 @@ class Tuner:
             raise InputError(f"the Ray cluster at {o.ray_address} has no GPU", field="ray-address")
         if pool.total_gpus < o.gpus:
             self.say(f"note: the Ray cluster has {pool.total_gpus} GPU(s); using those, not {o.gpus}")
-        pending: list[_Proposal] = []  # asked, waiting for GPUs on one node
-        lookahead = self.lookahead or max(2, LOOKAHEAD_PER_GPU * pool.total_gpus)
-        self.pass_over_limit = max(4, PASS_OVER_PER_GPU * pool.total_gpus)
-        rejected = 0
         deadline = self.started + o.budget_s if o.budget_s else None
         self.say(f"study '{o.study_name}': {already} trials done, running up to "
                  f"{(o.trials or 0) - already if o.trials else 'unbounded'} more on {pool.total_gpus} GPU(s)"
@@ -498,31 +474,24 @@ class Tuner:
                  f"engine(s) {', '.join(o.engines)}{' (SIMULATED)' if o.engines == ['sim'] else ''}; "
                  f"objective{'s' if len(self.objectives.names) > 1 else ''} {', '.join(self.objectives.names)}")
         self.campaign = Campaign(gpus=pool.total_gpus, started_at=time.time())
+
+        def launch(proposal: Proposal) -> None:
+            session.save(proposal.number, launched_at=time.time())
+            pool.submit(self._trial_spec(proposal.number, proposal.engine, proposal.config, proposal.baseline,
+                                         watch=True), proposal.need)
+
+        scheduler = Scheduler(
+            pool=pool, propose=self._propose, launch=launch, collect=lambda f: self._collect(f, total),
+            wanted=lambda in_flight: o.trials is None or session.finished() + in_flight < o.trials,
+            put_back=lambda p: session.put_back(p.number),
+            max_rejected=MAX_REJECTED_PER_TRIAL * max(1, o.trials or 1), deadline=deadline,
+            lookahead=self.lookahead, say=self.say)
         try:
-            while True:
-                self._launch_fitting(pending, pool)
-                out_of_time = deadline is not None and time.monotonic() >= deadline
-                if out_of_time and pending:
-                    for proposal in pending:
-                        session.put_back(proposal.number)
-                    pending.clear()
-                wanted = not out_of_time and rejected <= MAX_REJECTED_PER_TRIAL * max(1, o.trials or 1) and (
-                    o.trials is None or session.finished() + len(pool) + len(pending) < o.trials)
-                reserved = any(p.passed_over >= self.pass_over_limit for p in pending)
-                if wanted and pool.free_gpus > 0 and len(pending) < lookahead and not reserved:
-                    proposal = self._propose(pool.largest_node)
-                    if proposal is None:
-                        rejected += 1
-                    else:
-                        pending.append(proposal)
-                    continue
-                if not wanted and not pending and not len(pool):
-                    break
-                self._collect(pool, pending, total)
+            scheduler.run()
             self._finals(pool)
         finally:
             pool.close()
-            never = rejected - self.avoided - self.excluded_hits
+            never = scheduler.rejected - self.avoided - self.excluded_hits
             if never:
                 self.say(f"{never} proposed configuration(s) broke a known constraint and never launched")
             if self.avoided:
@@ -536,7 +505,7 @@ class Tuner:
         self._report_campaign()
         return study
 
-    def _propose(self, largest_node: int) -> _Proposal | None:
+    def _propose(self, largest_node: int) -> Proposal | None:
         """Ask Optuna for a configuration; None when a known constraint rejects it (recorded as such)."""
         session = self._session
         trial = session.ask()
@@ -566,34 +535,9 @@ class Tuner:
                 tell_infeasible(session.study, trial, PREDICTED_INFEASIBLE, verdict.reason, verdict.p_fail)
                 self.avoided += 1
                 return None
-        return _Proposal(trial.number, engine, config, baseline, need)
+        return Proposal(trial.number, engine, config, baseline, need)
 
-    def _launch_fitting(self, pending: list[_Proposal], pool: TrialPool) -> None:
-        """Launch, oldest first, every pending proposal that fits now. One that smaller ones passed over
-        `pass_over_limit` times holds back those behind it until it fits, so a large trial is not starved."""
-        waiting: list[_Proposal] = []
-        for proposal in list(pending):
-            if any(w.passed_over >= self.pass_over_limit for w in waiting):
-                break
-            if pool.fits(proposal.need):
-                self._session.save(proposal.number, launched_at=time.time())
-                pool.submit(self._trial_spec(proposal.number, proposal.engine, proposal.config, proposal.baseline,
-                                             watch=True), proposal.need)
-                pending.remove(proposal)
-                for w in waiting:
-                    w.passed_over += 1
-            else:
-                waiting.append(proposal)
-
-    def _collect(self, pool: TrialPool, pending: list[_Proposal], total: int) -> None:
-        """Record the next trial to finish; with none of ours running, wait for GPUs others hold."""
-        if not len(pool):
-            if not pool.wait_for_room(min((p.need for p in pending), default=1)):
-                self.say("waiting for GPUs that other jobs on the Ray cluster hold")
-            return
-        finished = pool.wait_one(timeout_s=5.0 if pool.shared_cluster else None)
-        if finished is None:
-            return
+    def _collect(self, finished: Finished, total: int) -> None:
         self._record_placement(finished)
         if finished.lost:
             self._record_lost(finished, total)
