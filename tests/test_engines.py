@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner.engines import get_engine
+from tuner.engines import engine_names, get_engine
 from tuner.engines.base import FailureClass, Launch
 from tuner.errors import InputError
 from tuner.space.flags import parse_flags
@@ -56,26 +56,28 @@ def test_vllm_metrics_parsed_from_real_scrape():
     assert not any(name.endswith("_bucket") for name in metrics)
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang", "sim"])
+@pytest.mark.parametrize("engine", engine_names())
 def test_one_config_gives_each_engine_its_argv_and_parses_back(engine):
     space = load_space(engine)
     config = dict(space.defaults(), max_num_seqs=48, enable_prefix_caching=False, tensor_parallel_size=2)
-    model = "llama-3.1-8b" if engine == "sim" else "/models/llama"
-    launch = Launch(config=config, model=model, port=8123, api_key="sekret", time_scale=5)
     adapter = get_engine(engine)
+    model = "llama-3.1-8b" if adapter.simulated else "/models/llama"
+    launch = Launch(config=config, model=model, port=8123, api_key="sekret", time_scale=5)
     spec = adapter.server_spec(launch, space)
     assert spec.url == "http://127.0.0.1:8123"
     assert spec.argv[spec.argv.index("--host") + 1] == "127.0.0.1"
     command = adapter.serve_command(launch, space)
+    assert command[:len(adapter.display_program())] == adapter.display_program()
     assert "8123" not in command and "sekret" not in command  # tuner-internal port and key stay out
-    assert parse_flags(space, command) == space.active_config(config)
+    in_file = {n for n, k in space.knobs.items() if k.option or k.option_off}  # the options file, not argv
+    flags = {k: v for k, v in parse_flags(space, command).items() if k not in in_file}
+    assert flags == {k: v for k, v in space.active_config(config).items() if k not in in_file}
+    assert spec.clock_scale == (5 if adapter.simulated else 1)
     if engine == "vllm":
         assert command[:3] == ["vllm", "serve", "/models/llama"]
         assert spec.env["VLLM_API_KEY"] == "sekret" and "sekret" not in spec.argv
     if engine == "sglang":
         assert command[:4] == ["python", "-m", "sglang.launch_server", "--model-path"]
-    if engine == "sim":
-        assert spec.clock_scale == 5
 
 
 def test_unknown_engine_and_shape_are_input_errors():

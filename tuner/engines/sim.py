@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from tuner.engines.base import Engine, FailureClass, Launch, patterns
+from tuner.engines.registry import register_engine
 from tuner.models.shapes import get_shape
 
 
+@register_engine("sim")
 @dataclass
 class SimEngine(Engine):
+    simulated: ClassVar[bool] = True
+    needs_gpu: ClassVar[bool] = False
+    default_gpu: ClassVar[str] = "h100"
+    model_flag: ClassVar[str] = "--model-shape"
     name: str = "sim"
     metrics_prefix: str = "sim:"
     failure_patterns: list = field(default_factory=lambda: patterns(
@@ -29,7 +36,7 @@ class SimEngine(Engine):
 
     def model_args(self, launch: Launch) -> list[str]:
         get_shape(launch.model)  # fails early, with the known names, on a wrong shape
-        return ["--model-shape", launch.model, "--gpu", launch.gpu, "--time-scale", f"{launch.time_scale:g}",
+        return [self.model_flag, launch.model, "--gpu", launch.gpu, "--time-scale", f"{launch.time_scale:g}",
                 *(["--max-model-len", str(launch.max_model_len)] if launch.max_model_len else [])]
 
     def clock_scale(self, launch: Launch) -> float:

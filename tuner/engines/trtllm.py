@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tuner.engines.base import Engine, FailureClass, Launch, ServerSpec, patterns
+from tuner.engines.registry import register_engine
 from tuner.errors import InputError
 from tuner.space.knobs import SearchSpace
 
 
+@register_engine("trtllm")
 @dataclass
 class TrtllmEngine(Engine):
     name: str = "trtllm"

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from tuner.engines.base import Engine, FailureClass, Launch, patterns
+from tuner.engines.registry import register_engine
 
 
+@register_engine("vllm")
 @dataclass
 class VllmEngine(Engine):
+    auto: ClassVar[bool] = True
+    image: ClassVar[str] = "vllm/vllm-openai"  # its entrypoint is the OpenAI API server: args are `vllm serve`'s flags
+    port: ClassVar[int] = 8000
     name: str = "vllm"
     package: str = "vllm"
     metrics_prefix: str = "vllm:"
@@ -30,6 +36,9 @@ class VllmEngine(Engine):
 
     def display_program(self) -> list[str]:
         return ["vllm", "serve"]
+
+    def container(self, model: str) -> tuple[list[str], list[str]]:
+        return [], ["--model", model, "--port", str(self.port)]
 
     def model_args(self, launch: Launch) -> list[str]:
         return [launch.model, *(["--max-model-len", str(launch.max_model_len)] if launch.max_model_len else []),

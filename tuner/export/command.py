@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 import yaml
 
-from tuner.engines import ADAPTERS, get_engine
+from tuner.engines import engine_names, get_engine
 from tuner.engines.base import Launch, OptionsFile
 from tuner.errors import InputError
 from tuner.loadgen.slo import SLO
@@ -54,7 +54,7 @@ def choose(study: optuna.Study, slo: SLO | None, prefer: str) -> Point:
 
 
 def _options_flag(engine: str) -> str:
-    return get_engine(engine).options_flag if engine in ADAPTERS else ""
+    return get_engine(engine).options_flag if engine in engine_names() else ""
 
 
 def options_file(study: optuna.Study, point: Point) -> OptionsFile | None:

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from tuner.engines import is_simulated
 from tuner.engines.base import FailureClass
 from tuner.export.command import points_under, study_objectives
 from tuner.loadgen.slo import SLO, parse_slo
@@ -60,7 +61,7 @@ class StudyResult:
 
     @property
     def simulated(self) -> bool:
-        return self.engines == ["sim"]
+        return is_simulated(self.engines)
 
     @property
     def label(self) -> str:

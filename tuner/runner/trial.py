@@ -145,7 +145,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     outcome.log_path = str(server.log_path)
     hang = _HangWatch(spec.hang_timeout_s / server_spec.clock_scale)
     visible = [int(i) for i in outcome.cuda_visible_devices.split(",") if i.strip().isdigit()]
-    memory_before = used_memory_mib(visible) if spec.engine != "sim" else {}
+    memory_before = used_memory_mib(visible) if engine.needs_gpu else {}
     try:
         server.start()
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)

@@ -12,6 +12,7 @@ from tuner.errors import InputError
 from tuner.yamlfile import read_yaml
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+_SPACE_FILES: dict[str, Path] = {}  # engine -> its YAML, where not SPACES_DIR/<engine>.yaml
 KNOB_TYPES = ("int", "float", "categorical", "bool")
 _KNOB_FIELDS = {"type", "choices", "low", "high", "log", "step", "default", "group", "when", "doc",
                 "flag", "flag_off", "omit", "json_flag", "json_key", "value_from", "option", "option_off"}
@@ -239,17 +240,22 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
     return knob
 
 
+def register_space(engine: str, path: str | Path) -> None:
+    """Where an engine's search space lives when it is not a shipped YAML (an adapter's `space_file`)."""
+    _SPACE_FILES[engine] = Path(path)
+
+
 def load_space(engine_or_path: str) -> SearchSpace:
-    """`vllm`, `sglang`, `trtllm`, `sim` (shipped YAML) or a path to a user's YAML with `engine:` and `extends:`."""
+    """An engine's name (its shipped or registered YAML) or a path to a user's YAML with `engine:` and `extends:`."""
     path = Path(engine_or_path)
     if not path.suffix:
-        path = SPACES_DIR / f"{engine_or_path}.yaml"
+        path = _SPACE_FILES.get(engine_or_path, SPACES_DIR / f"{engine_or_path}.yaml")
         if not path.exists():
             raise InputError(f"no search space for engine '{engine_or_path}'", field="engine")
     data = _read_yaml(path)
     engine = data.get("engine")
     if not isinstance(engine, str):
-        raise InputError("missing 'engine' (vllm, sglang, trtllm, sim)", file=str(path), field="engine")
+        raise InputError("missing 'engine' (the adapter's name)", file=str(path), field="engine")
     merged: dict[str, dict] = {}
     if data.get("extends"):
         if not isinstance(data["extends"], str):
