@@ -16,11 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines.base import Launch
 from tuner.engines.sim import SimEngine
 from tuner.loadgen.metrics import RequestResult, summarize, tpot_s, wall_duration_s
 from tuner.loadgen.replay import BenchConfig, ProgressSnapshot, chain, run_bench_sync
 from tuner.loadgen.slo import parse_slo
+from tuner.outcome import Outcome
 from tuner.runner.server import ManagedServer, free_port
 from tuner.simulator.config import EngineStartupError, SimConfig
 from tuner.simulator.engine import Engine, SimArrival, simulate
@@ -87,14 +88,14 @@ def test_failing_region_is_learnt_and_then_not_launched(tmp_path):
             continue
         failure = _start(config)
         if failure:
-            assert failure == FailureClass.OOM_STARTUP
+            assert failure == Outcome.OOM_STARTUP
             trial.set_user_attr("failure", failure)  # what Tuner._record stores for a failed server
             study.tell(trial, state=TrialState.FAIL)
             launched_failures.append(config)
         else:
             study.tell(trial, config["max_num_seqs"])
 
-    assert all(_start(config) == FailureClass.OOM_STARTUP for config in skipped), "a feasible config was skipped"
+    assert all(_start(config) == Outcome.OOM_STARTUP for config in skipped), "a feasible config was skipped"
     assert len(launched_failures) <= 4 and len(skipped) >= 2 * len(launched_failures)
     assert len(region_after_learning) >= 8 and sum(region_after_learning) <= len(region_after_learning) / 4
     assert launches_avoided(study) == len(skipped)
@@ -104,7 +105,7 @@ def test_failing_region_is_learnt_and_then_not_launched(tmp_path):
 
 
 def _observations(pairs) -> list[Observation]:
-    return [Observation(config, failed, FailureClass.OOM_STARTUP if failed else None) for config, failed in pairs]
+    return [Observation(config, failed, Outcome.OOM_STARTUP if failed else None) for config, failed in pairs]
 
 
 def test_feasibility_waits_for_enough_failures_and_knows_far_points():

@@ -10,8 +10,9 @@ import pytest
 import ray
 
 from tuner.cli import main
-from tuner.engines.base import FailureClass
+
 from tuner.export.command import choose, load_study, shell_line
+from tuner.outcome import Outcome
 from tuner.space.flags import parse_flags
 from tuner.space.knobs import load_space
 from tuner.study.pareto import completed_points
@@ -99,9 +100,9 @@ def test_failed_trials_are_recorded_with_cause_and_the_study_goes_on(tmp_path, c
     assert "no trial completed" in out
     study = load_study("oom", _storage(tmp_path))
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL
-              and t.user_attrs.get("failure") != FailureClass.CONSTRAINT]
+              and t.user_attrs.get("failure") != Outcome.CONSTRAINT]
     assert len(failed) == 2
-    assert all(t.user_attrs["failure"] == FailureClass.OOM_STARTUP for t in failed)
+    assert all(t.user_attrs["failure"] == Outcome.OOM_STARTUP for t in failed)
     assert all("No available memory for the cache blocks" in t.user_attrs["log_tail"] for t in failed)
 
 
@@ -115,10 +116,10 @@ def test_interrupted_trial_is_run_again(tmp_path, capsys):
     assert "1 interrupted trial(s) will run again" in capsys.readouterr().out
     study = load_study("crash", _storage(tmp_path))
     assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
-    assert study.trials[orphan.number].user_attrs["failure"] == FailureClass.INTERRUPTED
+    assert study.trials[orphan.number].user_attrs["failure"] == Outcome.INTERRUPTED
     assert study.trials[orphan.number + 1].params["max_num_seqs"] == orphan.params["max_num_seqs"]
     ran = [t for t in study.trials if t.state.is_finished() and t.user_attrs.get("failure") not in
-           (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)]
+           (Outcome.CONSTRAINT, Outcome.INTERRUPTED)]
     assert len(ran) == 2
 
 
@@ -147,7 +148,7 @@ def test_a_failing_region_is_learnt_and_not_launched_again(tmp_path, capsys):
                  "--gpus", "1", name="region") == 0
     assert "launch(es) avoided" in capsys.readouterr().out
     study = load_study("region", _storage(tmp_path))
-    failed = [t for t in study.trials if t.user_attrs.get("failure") == FailureClass.OOM_STARTUP]
+    failed = [t for t in study.trials if t.user_attrs.get("failure") == Outcome.OOM_STARTUP]
     avoided = [t for t in study.trials if t.user_attrs.get("failure") == "predicted_infeasible"]
     assert len(failed) >= 2 and avoided
     assert all(t.user_attrs["config"]["gpu_memory_utilization"] == 0.15 for t in failed + avoided)

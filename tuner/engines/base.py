@@ -15,23 +15,9 @@ from typing import Any, ClassVar
 import yaml
 
 from tuner.errors import InputError
+from tuner.outcome import Outcome
 from tuner.space.flags import render_flags, render_options
 from tuner.space.knobs import SearchSpace
-
-
-class FailureClass:
-    """Why a trial failed; later stages learn the infeasible region from these."""
-
-    OOM_STARTUP = "oom_startup"
-    OOM_LOAD = "oom_under_load"
-    INVALID_CONFIG = "invalid_config"
-    UNSUPPORTED = "unsupported"
-    CRASH = "crash"
-    HANG = "hang"
-    STARTUP_TIMEOUT = "startup_timeout"
-    REQUEST_ERRORS = "request_errors"
-    CONSTRAINT = "constraint"
-    INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -91,7 +77,7 @@ class OptionsFile:
 
 @dataclass(frozen=True)
 class FailurePattern:
-    failure: str
+    failure: Outcome
     pattern: re.Pattern
 
 
@@ -203,11 +189,11 @@ class Engine(ABC):
                 *render_flags(space, launch.config, baseline=launch.baseline),
                 *([options.flag, options.name] if options else []), *launch.extra_args]
 
-    def classify_failure(self, exit_code: int | None, log_tail: str) -> str:
+    def classify_failure(self, exit_code: int | None, log_tail: str) -> Outcome:
         for item in self.failure_patterns:
             if item.pattern.search(log_tail):
                 return item.failure
-        return FailureClass.CRASH
+        return Outcome.CRASH
 
     def engine_metrics(self, prometheus_text: str) -> dict[str, float]:
         """The engine's own counters and gauges worth logging, prefix stripped."""
@@ -233,5 +219,5 @@ class Engine(ABC):
         return {}
 
 
-def patterns(*pairs: tuple[str, str]) -> list[FailurePattern]:
+def patterns(*pairs: tuple[Outcome, str]) -> list[FailurePattern]:
     return [FailurePattern(failure, re.compile(regex, re.IGNORECASE | re.MULTILINE)) for failure, regex in pairs]

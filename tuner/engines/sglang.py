@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tuner.engines.base import Engine, FailureClass, Launch, patterns
+from tuner.engines.base import Engine, Launch, patterns
 from tuner.engines.registry import register_engine
+from tuner.outcome import Outcome
 
 
 @register_engine("sglang")
@@ -19,11 +20,13 @@ class SglangEngine(Engine):
     package: str = "sglang"
     metrics_prefix: str = "sglang:"
     failure_patterns: list = field(default_factory=lambda: patterns(
-        (FailureClass.OOM_STARTUP, r"Not enough memory\. Please try to increase --mem-fraction-static|"
-                                   r"Capture cuda graph failed"),
-        (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
-        (FailureClass.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
-        (FailureClass.INVALID_CONFIG, r"error: (argument|unrecognized|ambiguous option)|invalid choice"),
+        # a traceback's last line (not a warning that quotes one): the install lacks a module
+        (Outcome.ENVIRONMENT, r"^(\(\w+ pid=\d+\) )?(ERROR .*\] )?(ModuleNotFoundError|ImportError): "),
+        (Outcome.OOM_STARTUP, r"Not enough memory\. Please try to increase --mem-fraction-static|"
+                              r"Capture cuda graph failed"),
+        (Outcome.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
+        (Outcome.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
+        (Outcome.INVALID_CONFIG, r"error: (argument|unrecognized|ambiguous option)|invalid choice"),
     ))
 
     def program(self, launch: Launch) -> list[str]:

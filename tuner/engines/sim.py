@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tuner.engines.base import Engine, FailureClass, Launch, patterns
+from tuner.engines.base import Engine, Launch, patterns
 from tuner.engines.registry import register_engine
 from tuner.models.shapes import get_shape
+from tuner.outcome import Outcome
 
 
 @register_engine("sim")
@@ -20,12 +21,12 @@ class SimEngine(Engine):
     name: str = "sim"
     metrics_prefix: str = "sim:"
     failure_patterns: list = field(default_factory=lambda: patterns(
-        (FailureClass.OOM_LOAD, r"out of memory under load"),
-        (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|To serve at least one request with "
-                                   r"the model's max seq len|out of memory"),
-        (FailureClass.INVALID_CONFIG, r"must be greater than or equal to|must be divisible by|is smaller than "
-                                      r"max_model_len|is greater than the derived max_model_len|error: argument"),
-        (FailureClass.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
+        (Outcome.OOM_LOAD, r"out of memory under load"),
+        (Outcome.OOM_STARTUP, r"No available memory for the cache blocks|To serve at least one request with "
+                              r"the model's max seq len|out of memory"),
+        (Outcome.INVALID_CONFIG, r"must be greater than or equal to|must be divisible by|is smaller than "
+                                 r"max_model_len|is greater than the derived max_model_len|error: argument"),
+        (Outcome.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
     ))
 
     def program(self, launch: Launch) -> list[str]:

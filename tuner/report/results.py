@@ -12,9 +12,9 @@ import optuna
 from optuna.trial import TrialState
 
 from tuner.engines import is_simulated
-from tuner.engines.base import FailureClass
 from tuner.export.command import points_under, study_objectives
 from tuner.loadgen.slo import SLO, parse_slo
+from tuner.outcome import Outcome
 from tuner.report.goodput import goodput_under
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.study.objectives import THROUGHPUT, Objectives
@@ -22,7 +22,7 @@ from tuner.study.pareto import Point, pareto_front, pick
 
 STOPPED = "stopped early: "  # cause prefix of a trial a watcher stopped (tuner.study.pruning, fidelity)
 # proposals stopped before a server started: a known constraint, or a learned prediction of failure
-NEVER_LAUNCHED = (FailureClass.CONSTRAINT, "predicted_infeasible")
+NEVER_LAUNCHED = (Outcome.CONSTRAINT, Outcome.PREDICTED_INFEASIBLE)
 
 
 @dataclass(frozen=True)

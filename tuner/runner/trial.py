@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner.engines import get_engine
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines.base import Launch
 from tuner.hardware.inventory import used_memory_mib, wait_memory_back
 from tuner.loadgen.replay import BenchConfig, chain, run_bench_sync
 from tuner.loadgen.metrics import write_results
 from tuner.loadgen.slo import SLO
+from tuner.outcome import Outcome, missing_module
 from tuner.runner.server import ManagedServer, ServerFailed, free_port
 from tuner.space.knobs import SearchSpace
 from tuner.workload.request import TraceRequest
@@ -158,7 +159,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
             outcome.measured = spec.measure(config, spec.requests, hang)
             outcome.ok = not hang.hung and server.alive()
             if not outcome.ok:
-                raise ServerFailed(FailureClass.HANG if hang.hung else FailureClass.CRASH,
+                raise ServerFailed(Outcome.HANG if hang.hung else Outcome.CRASH,
                                    "the server stopped answering during the load search")
             return outcome
         result = run_bench_sync(config, spec.requests, on_progress=chain(hang, *spec.watchers))
@@ -180,13 +181,13 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
         if requests_failed and not hang.hung:
             _wait_exit(server, EXIT_GRACE_S)  # failed requests and a dying server: a crash, not bad requests
         if not server.alive():
-            raise ServerFailed(FailureClass.CRASH, f"server exited with code {server.process.returncode} "
-                                                   "during the replay")
+            raise ServerFailed(Outcome.CRASH, f"server exited with code {server.process.returncode} "
+                                              "during the replay")
         if hang.hung:
-            raise ServerFailed(FailureClass.HANG, f"no request finished for {spec.hang_timeout_s:.0f} s "
-                                                  "while the server was alive")
+            raise ServerFailed(Outcome.HANG, f"no request finished for {spec.hang_timeout_s:.0f} s "
+                                             "while the server was alive")
         if requests_failed:
-            raise ServerFailed(FailureClass.REQUEST_ERRORS, f"{failed} of {total} requests failed")
+            raise ServerFailed(Outcome.REQUEST_ERRORS, f"{failed} of {total} requests failed")
         outcome.ok = True
     except ServerFailed as exc:
         outcome.failure, outcome.message = exc.failure, exc.message
@@ -198,11 +199,15 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
             outcome.gpu_memory_released = wait_memory_back(memory_before)
         outcome.log_tail = server.log_tail()
         outcome.ended_at = time.time()
-    if not outcome.ok and outcome.failure in (FailureClass.CRASH, FailureClass.REQUEST_ERRORS):
+    if not outcome.ok and outcome.failure in (Outcome.CRASH, Outcome.REQUEST_ERRORS):
         during_load = outcome.ready_s > 0
         classified = engine.classify_failure(exit_code, server.log_text())
-        if classified != FailureClass.CRASH:
+        if classified != Outcome.CRASH:
             outcome.failure = classified
-        if during_load and outcome.failure == FailureClass.OOM_STARTUP:
-            outcome.failure = FailureClass.OOM_LOAD
+        if classified == Outcome.ENVIRONMENT:
+            module = missing_module(server.log_text())
+            outcome.message = (f"the engine's Python cannot import {module or 'a module'} (an incomplete install, "
+                               f"not the configuration): {outcome.message}")
+        if during_load and outcome.failure == Outcome.OOM_STARTUP:
+            outcome.failure = Outcome.OOM_LOAD
     return outcome

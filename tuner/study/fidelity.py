@@ -25,10 +25,11 @@ from typing import Any
 
 from tuner.loadgen.metrics import summarize, wall_duration_s
 from tuner.loadgen.slo import SLO
+from tuner.outcome import Outcome
 from tuner.study.pruning import PruneDecision, SloPruner
 from tuner.workload.request import TraceRequest
 
-SCREENED_OUT = "screened_out"
+SCREENED_OUT = Outcome.SCREENED_OUT
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)
 # two-sided 95% Student t quantiles by degrees of freedom (scipy is not a dependency)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from tuner.loadgen.slo import SLO, SloTarget
+from tuner.outcome import Outcome
 
-SLO_LOST = "slo_lost"
-DOMINATED = "dominated"
+SLO_LOST = Outcome.SLO_LOST
+DOMINATED = Outcome.DOMINATED
 
 
 @dataclass(frozen=True)

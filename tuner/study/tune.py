@@ -16,11 +16,12 @@ import optuna
 from optuna.trial import TrialState
 
 from tuner.engines import get_engine
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines.base import Launch
 from tuner.errors import InputError
 from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO
 from tuner.models.shapes import ModelShape
+from tuner.outcome import Outcome
 from tuner.runner.campaign import Campaign, TrialSpan, gantt_png
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
@@ -164,7 +165,7 @@ def _finished(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False,
                                            states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
                if (t.state != TrialState.PRUNED or "stopped" in t.user_attrs)
-               and t.user_attrs.get("failure") not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)
+               and t.user_attrs.get("failure") not in (Outcome.CONSTRAINT, Outcome.INTERRUPTED)
                and not t.user_attrs.get("requeued"))
 
 
@@ -172,7 +173,7 @@ def _recover_interrupted(study: optuna.Study) -> int:
     """Trials left RUNNING by a killed `tune`: mark them failed and queue their configs again."""
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "failure", FailureClass.INTERRUPTED)
+        study._storage.set_trial_user_attr(trial._trial_id, "failure", Outcome.INTERRUPTED)
         study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items()
                                                       if k == "baseline"}, skip_if_exists=False)
@@ -328,7 +329,7 @@ class Tuner:
         storage = study._storage
         self.measured += 1
         if outcome is None:  # the trial raised inside its actor (a lost actor goes through _record_lost)
-            outcome = TrialOutcome(number=number, ok=False, command=[], failure=FailureClass.CRASH,
+            outcome = TrialOutcome(number=number, ok=False, command=[], failure=Outcome.CRASH,
                                    message=f"trial raised in its actor: {error}")
         self.trial_wall.append(outcome.ended_at - outcome.started_at)
         storage.set_trial_user_attr(trial_id, "command", outcome.command)
@@ -492,7 +493,7 @@ class Tuner:
         if not reasons and need > largest_node:
             reasons = [f"TP×PP×DP = {need} GPUs must share one node; the largest node has {largest_node}"]
         if reasons:
-            trial.set_user_attr("failure", FailureClass.CONSTRAINT)
+            trial.set_user_attr("failure", Outcome.CONSTRAINT)
             trial.set_user_attr("message", "; ".join(reasons))
             study.tell(trial, state=TrialState.FAIL)
             return None
@@ -528,7 +529,7 @@ class Tuner:
         for proposal in pending:
             trial = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
                 study._study_id, proposal.number))
-            study._storage.set_trial_user_attr(trial._trial_id, "failure", FailureClass.INTERRUPTED)
+            study._storage.set_trial_user_attr(trial._trial_id, "failure", Outcome.INTERRUPTED)
             study.tell(proposal.number, state=TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={"baseline": True} if proposal.baseline else {},
                                 skip_if_exists=False)
