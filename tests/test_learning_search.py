@@ -24,7 +24,7 @@ from tuner.loadgen.slo import parse_slo
 from tuner.outcome import Outcome
 from tuner.runner.server import ManagedServer, free_port
 from tuner.simulator.config import EngineStartupError, SimConfig
-from tuner.simulator.engine import Engine, SimArrival, simulate
+from tuner.simulator.engine import SimArrival, SimScheduler, simulate
 from tuner.space.knobs import load_space
 from tuner.study.capacity import CapacityResult, find_capacity, good_fraction, poisson_at_rate
 from tuner.study.feasibility import (PREDICTED_INFEASIBLE, FeasibilityModel, Observation, launches_avoided,
@@ -56,7 +56,7 @@ def _simulate_summary(config: SimConfig, requests: list[TraceRequest], slo) -> d
 def _start(config: dict) -> str | None:
     """Start the simulated engine's core as `tune sim-serve` would; the failure class if it cannot."""
     try:
-        Engine(SimConfig(max_model_len=LONG_CONTEXT, **config))
+        SimScheduler(SimConfig(max_model_len=LONG_CONTEXT, **config))
     except EngineStartupError as exc:
         return SimEngine().classify_failure(1, str(exc))
     return None
@@ -311,3 +311,13 @@ def test_poisson_retiming_has_the_asked_rate():
     assert at_rate[0].arrival_s == 0.0
     assert at_rate[-1].arrival_s / (len(at_rate) - 1) == pytest.approx(0.25, rel=0.06)
     assert poisson_at_rate(at_rate, 4.0, seed=5) == at_rate
+
+
+def test_the_pruner_and_the_rung_watch_are_replay_watchers():
+    from tuner.loadgen.replay import ReplayWatcher
+
+    trace = [TraceRequest(arrival_s=i * 0.1, input_tokens=100, output_tokens=10) for i in range(20)]
+    watchers = [SloPruner(parse_slo("ttft_p99=1s"), 20), RungWatch(SuccessiveHalving(), trace, None)]
+    for watcher in watchers:
+        assert isinstance(watcher, ReplayWatcher) and watcher.decision is None
+    assert not isinstance(lambda snapshot: False, ReplayWatcher)  # a bare callable has no `finish`

@@ -15,8 +15,9 @@ import inspect
 import itertools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 import numpy as np
@@ -108,6 +109,27 @@ class BenchResult:
 
 
 ProgressCallback = Callable[[ProgressSnapshot], "Awaitable[bool] | bool"]
+
+
+class StopDecision(Protocol):
+    def as_attrs(self) -> dict[str, Any]:
+        """What the trial records about why it was stopped (kind, reason, when)."""
+
+
+@runtime_checkable
+class ReplayWatcher(Protocol):
+    """A trial's replay watcher (tuner.study.pruning.SloPruner, tuner.study.fidelity.RungWatch).
+
+    The replay calls it with each progress snapshot (about once a second); True stops the replay,
+    and `decision` then says why. After a replay that ran to its end, `finish` gets every row and the
+    summary (too late to stop anything, in time to learn from it)."""
+
+    @property
+    def decision(self) -> StopDecision | None: ...
+
+    def __call__(self, snapshot: ProgressSnapshot) -> bool: ...
+
+    def finish(self, rows: Sequence[RequestResult], summary: dict[str, Any]) -> None: ...
 
 
 def _percentiles(values_ms: list[float]) -> tuple[float | None, float | None]:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from tuner.engines import get_engine
 from tuner.engines.base import Launch
 from tuner.hardware.inventory import used_memory_mib, wait_memory_back
-from tuner.loadgen.replay import BenchConfig, chain, run_bench_sync
+from tuner.loadgen.replay import BenchConfig, ReplayWatcher, chain, run_bench_sync
 from tuner.loadgen.metrics import write_results
 from tuner.loadgen.slo import SLO
 from tuner.outcome import Outcome, missing_module
@@ -43,10 +43,8 @@ class TrialSpec:
     startup_timeout_s: float = 600.0
     hang_timeout_s: float = 120.0  # no request finished for this long (server time) while the server lives
     request_timeout_s: float = 600.0
-    # on_progress watchers that may stop the replay early (tuner.study.pruning, fidelity); one that
-    # stopped it has a `decision` with `as_attrs()`; after a replay that ran to its end, those with a
-    # `finish(rows, summary)` method are called with it. They come back in the outcome with their state.
-    watchers: list[Callable] = field(default_factory=list)
+    # watchers that may stop the replay early; they come back in the outcome with their state
+    watchers: list[ReplayWatcher] = field(default_factory=list)
     # instead of one replay, measure(bench_config, requests, hang_watch) on the live server (capacity search)
     measure: Callable | None = None
     label: str = ""  # tells apart runs of one trial number (finalist repeats, capacity search)
@@ -76,7 +74,7 @@ class TrialOutcome:
     gpu_memory_released: bool | None = None  # None without NVML (no GPU)
     cuda_visible_devices: str = ""
     stopped: dict[str, Any] | None = None  # why a watcher stopped the replay early (the trial is pruned)
-    watchers: list[Callable] = field(default_factory=list)
+    watchers: list[ReplayWatcher] = field(default_factory=list)
     measured: Any = None  # what TrialSpec.measure returned
 
 
@@ -164,17 +162,16 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
             return outcome
         result = run_bench_sync(config, spec.requests, on_progress=chain(hang, *spec.watchers))
         outcome.watchers = spec.watchers
-        stopper = next((w for w in spec.watchers if getattr(w, "decision", None) is not None), None)
-        if result.stopped_early and stopper is not None and not hang.hung:
-            outcome.stopped = stopper.decision.as_attrs()
+        decision = next((w.decision for w in spec.watchers if w.decision is not None), None)
+        if result.stopped_early and decision is not None and not hang.hung:
+            outcome.stopped = decision.as_attrs()
         if not hang.hung:  # a hung server would keep the scrape waiting for its timeout
             outcome.engine_metrics = engine.engine_metrics(_scrape(server_spec.url, server_spec.api_key))
         outcome.rows_csv, outcome.summary_json = (str(p) for p in write_results(result, trial_dir))
         outcome.summary = result.summary.to_dict()
         if not result.stopped_early:
             for watcher in spec.watchers:
-                if hasattr(watcher, "finish"):
-                    watcher.finish(result.rows, outcome.summary)
+                watcher.finish(result.rows, outcome.summary)
         failed = outcome.summary.get("failed", 0)
         total = failed + outcome.summary.get("completed", 0)
         requests_failed = (total == 0 and not outcome.stopped) or (total and failed / total > MAX_FAILED_FRACTION)

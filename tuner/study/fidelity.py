@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.loadgen.metrics import summarize, wall_duration_s
+from tuner.loadgen.metrics import RequestResult, summarize, wall_duration_s
+from tuner.loadgen.replay import ProgressSnapshot
 from tuner.loadgen.slo import SLO
 from tuner.outcome import Outcome
 from tuner.study.pruning import PruneDecision, SloPruner
@@ -131,7 +132,7 @@ class RungWatch:
         self.summaries: list[dict[str, Any]] = []
         self.decision: PruneDecision | None = None
 
-    def __call__(self, snapshot) -> bool:
+    def __call__(self, snapshot: ProgressSnapshot) -> bool:
         if snapshot.total != self.windows[-1]:  # the warm-up's replay, not the trial's
             return False
         rows = snapshot.rows
@@ -160,7 +161,7 @@ class RungWatch:
         self.summaries.append(summary)
         return self.scores[-1]
 
-    def finish(self, rows, summary: dict[str, Any]) -> None:
+    def finish(self, rows: Sequence[RequestResult], summary: dict[str, Any]) -> None:
         """The replay ran to its end: score the rungs it passed between two progress calls (too late to
         stop it), then the whole replay (`summary`) as the last rung."""
         while self.rung < len(self.windows) - 1:

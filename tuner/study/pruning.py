@@ -18,10 +18,13 @@ each row once. Snapshots of another replay (the warm-up, whose `total` differs) 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from tuner.loadgen.metrics import RequestResult
+from tuner.loadgen.replay import ProgressSnapshot
 from tuner.loadgen.slo import SLO, SloTarget
 from tuner.outcome import Outcome
 
@@ -129,8 +132,11 @@ class SloPruner:
             return self.decision
         return None
 
-    def __call__(self, snapshot) -> bool:
+    def __call__(self, snapshot: ProgressSnapshot) -> bool:
         return self.check(snapshot) is not None
+
+    def finish(self, rows: Sequence[RequestResult], summary: dict) -> None:
+        """A replay that ran to its end leaves nothing to decide (a ReplayWatcher)."""
 
     def percentile_lower_bound_ms(self, target: SloTarget) -> float | None:
         """The final percentile is at least this: the k-th largest value seen, k = violations needed to lose
