@@ -15,7 +15,7 @@ from tuner.export.command import choose, load_study, shell_line
 from tuner.outcome import Outcome
 from tuner.space.flags import parse_flags
 from tuner.space.knobs import load_space
-from tuner.study.pareto import completed_points
+from tuner.records.pareto import completed_points
 
 WORKLOAD = Path(__file__).parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"
 pytestmark = pytest.mark.slow

@@ -15,12 +15,12 @@ from tuner.engines.base import Launch, OptionsFile
 from tuner.errors import InputError
 from tuner.loadgen.slo import SLO
 from tuner.space.knobs import load_space
-from tuner.study.objectives import Objectives, slo_constraints
-from tuner.study.pareto import Point, completed_points, pick
+from tuner.records.objectives import Objectives, slo_constraints
+from tuner.records.pareto import Point, completed_points, pick
 
 
 def load_study(name: str, storage: str) -> optuna.Study:
-    from tuner.study.storage import open_storage
+    from tuner.records.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opened = open_storage(storage)

@@ -18,7 +18,7 @@ import yaml
 from tuner.engines import engine_names, get_engine
 from tuner.errors import InputError
 from tuner.space.constraints import gpus_needed
-from tuner.study.pareto import Point
+from tuner.records.pareto import Point
 
 HF_CACHE_VOLUME = '-v "$HOME/.cache/huggingface:/root/.cache/huggingface"'  # $HOME expands in the user's shell
 

@@ -17,8 +17,8 @@ from tuner.loadgen.slo import SLO, parse_slo
 from tuner.outcome import Outcome
 from tuner.report.goodput import goodput_under
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
-from tuner.study.objectives import THROUGHPUT, Objectives
-from tuner.study.pareto import Point, pareto_front, pick
+from tuner.records.objectives import THROUGHPUT, Objectives
+from tuner.records.pareto import Point, pareto_front, pick
 
 STOPPED = "stopped early: "  # cause prefix of a trial a watcher stopped (tuner.study.pruning, fidelity)
 # proposals stopped before a server started: a known constraint, or a learned prediction of failure

@@ -14,8 +14,7 @@ from typing import Any, Callable
 from tuner.engines import get_engine
 from tuner.engines.base import Launch
 from tuner.hardware.inventory import used_memory_mib, wait_memory_back
-from tuner.loadgen.replay import BenchConfig, ReplayWatcher, chain, run_bench_sync
-from tuner.loadgen.metrics import write_results
+from tuner.loadgen.replay import BenchConfig, ReplayWatcher, chain, run_bench_sync, write_results
 from tuner.loadgen.slo import SLO
 from tuner.outcome import Outcome, missing_module
 from tuner.runner.server import ManagedServer, ServerFailed, free_port

@@ -14,7 +14,7 @@ from pathlib import Path
 from tuner.engines import engine_names, get_engine, is_simulated, needs_gpu
 from tuner.errors import InputError
 from tuner.models.shapes import PRESETS, get_shape
-from tuner.study.objectives import Objectives
+from tuner.records.objectives import Objectives
 
 DEFAULT_OUT = Path("servetune-runs")
 

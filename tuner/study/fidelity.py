@@ -177,7 +177,7 @@ def stopped_constraints(slo: SLO, pruner: SloPruner | None, watch: RungWatch | N
     sampler still sees how far it was from the SLO: a trial screened out at a rung gets its window's
     own percentiles, one stopped by the pruner `SloPruner.constraint_values` (at least the proven
     lower bound for a lost target)."""
-    from tuner.study.objectives import slo_constraints
+    from tuner.records.objectives import slo_constraints
 
     if watch is not None and watch.decision is not None and not (pruner is not None and pruner.decision):
         return dict(zip((t.name for t in slo.targets), slo_constraints(slo, watch.summaries[-1])))

@@ -31,11 +31,11 @@ from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, obse
 from tuner.study.capacity import CapacitySearch
 from tuner.study.fidelity import (RungWatch, SuccessiveHalving, estimates_of, finalists, retimed, rung_scores_attr,
                                   stopped_constraints)
-from tuner.study.objectives import Objectives, slo_constraints
-from tuner.study.pareto import completed_points, pick
+from tuner.records.objectives import Objectives, slo_constraints
+from tuner.records.pareto import completed_points, pick
 from tuner.study.pruning import SloPruner
 from tuner.study.sampling import baseline_params, suggest_config
-from tuner.study.storage import cluster_notes, open_storage
+from tuner.records.storage import cluster_notes, open_storage
 from tuner.workload.request import TraceRequest
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ import optuna
 from tuner.engines import get_engine
 from tuner.errors import InputError
 from tuner.report.results import StudyResult, load_result
-from tuner.study.objectives import THROUGHPUT
-from tuner.study.pareto import completed_points
+from tuner.records.objectives import THROUGHPUT
+from tuner.records.pareto import completed_points
 from tuner.sweep.compare import coefficient_of_variation, learned_threshold
 from tuner.sweep.results import CellResult, RunResults
 from tuner.sweep.spec import Cell, SweepSpec

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner.study.objectives import THROUGHPUT, Objectives, summary_key
+from tuner.records.objectives import THROUGHPUT, Objectives, summary_key
 
 
 @dataclass(frozen=True)
