@@ -185,3 +185,17 @@ def test_outcomes_are_plain_strings_in_a_store():
     assert json.loads(json.dumps({"failure": Outcome.SLO_LOST})) == {"failure": "slo_lost"}
     assert f"{Outcome.OOM_LOAD}" == str(Outcome.OOM_LOAD) == "oom_under_load"
     assert Outcome("predicted_infeasible") is Outcome.PREDICTED_INFEASIBLE  # an old store's value reads back
+
+
+@pytest.mark.parametrize("engine", engine_names())
+def test_every_registered_engine_has_its_space_and_consistent_facts(engine):
+    adapter = get_engine(engine)
+    assert adapter.name == engine and load_space(engine).engine == engine
+    assert adapter.display_program() and adapter.classify_failure(1, "") == Outcome.CRASH
+    assert adapter.simulated != adapter.needs_gpu  # a simulator needs no GPU; a real engine does
+    if adapter.image:
+        command, args = adapter.container("org/model")
+        assert "org/model" in args and str(adapter.port) in args
+    else:
+        with pytest.raises(NotImplementedError):
+            adapter.container("org/model")
