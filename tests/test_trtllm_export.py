@@ -210,7 +210,8 @@ def test_export_shell_writes_the_options_file_then_runs_the_command(tmp_path, ca
     name, storage, study = _study(tmp_path)
     _add_trial(study, _config(), 900.0, baseline=True)
     _add_trial(study, _config(**PICK), 2000.0)
-    out = _export(capsys, name, storage, "--format", "shell")
+    note, out = _export(capsys, name, storage, "--format", "shell").split("\n", 1)
+    assert note.startswith("# servetune: this configuration changes the model's outputs (kv_cache_dtype=fp8)")
     head, rest = out.split("\n", 1)
     assert head == f"cat > {OPTIONS} <<'EOF'"
     body, command = rest.split("EOF\n", 1)
@@ -226,7 +227,8 @@ def test_export_shell_writes_the_options_file_then_runs_the_command(tmp_path, ca
     assert yaml.safe_load((tmp_path / OPTIONS).read_text()) == PICK_OPTIONS
 
     config_file = _export(capsys, name, storage, "--format", "yaml")
-    header, _, text = config_file.partition("\n")
+    assert config_file.split("\n", 1)[0] == note
+    header, _, text = config_file.split("\n", 1)[1].partition("\n")
     assert yaml.safe_load(text) == PICK_OPTIONS
     assert shlex.split(header.split("use as: ", 1)[1]) == [
         "trtllm-serve", MODEL, "--backend", "pytorch", *PICK_FLAGS, "--extra_llm_api_options", "THIS_FILE"]

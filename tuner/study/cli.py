@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--space", default=None, help="your own search-space YAML")
     s.add_argument("--fix", action="append", default=[], help="KNOB=VALUE held fixed (repeat)")
-    s.add_argument("--exclude", action="append", default=[], help="knob or group held at default (repeat)")
+    s.add_argument("--exclude", action="append", default=[],
+                   help="knob or group held at default (repeat); output-changing: only settings that keep the "
+                        "model's outputs (no weight quantization, no fp8 KV cache, no lossy speculation)")
     e = parser.add_argument_group("early stopping and multi-fidelity")
     e.add_argument("--no-prune", action="store_true",
                    help="with --slo: run every trial to its end, even once its SLO is certainly lost")
