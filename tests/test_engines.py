@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from tuner.engines import get_engine
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines import engine_names, get_engine
+from tuner.engines.base import Launch
 from tuner.errors import InputError
+from tuner.outcome import Outcome, missing_module
 from tuner.space.flags import parse_flags
 from tuner.space.knobs import load_space
 
@@ -16,14 +18,14 @@ FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("fail-invalid-config-batched-tokens.log", FailureClass.INVALID_CONFIG),
-    ("fail-kv-too-small.log", FailureClass.OOM_STARTUP),
-    ("fail-kv-exceeds-memory.log", FailureClass.OOM_STARTUP),
-    ("fail-oom-weights.log", FailureClass.OOM_STARTUP),
-    ("fail-unsupported-backend.log", FailureClass.UNSUPPORTED),
-    ("fail-bad-flag.log", FailureClass.INVALID_CONFIG),
-    ("fail-max-model-len-too-long.log", FailureClass.INVALID_CONFIG),
-    ("fail-unsupported-flex-fp8-h100.log", FailureClass.UNSUPPORTED),  # vLLM 0.26.0 on the H100
+    ("fail-invalid-config-batched-tokens.log", Outcome.INVALID_CONFIG),
+    ("fail-kv-too-small.log", Outcome.OOM_STARTUP),
+    ("fail-kv-exceeds-memory.log", Outcome.OOM_STARTUP),
+    ("fail-oom-weights.log", Outcome.OOM_STARTUP),
+    ("fail-unsupported-backend.log", Outcome.UNSUPPORTED),
+    ("fail-bad-flag.log", Outcome.INVALID_CONFIG),
+    ("fail-max-model-len-too-long.log", Outcome.INVALID_CONFIG),
+    ("fail-unsupported-flex-fp8-h100.log", Outcome.UNSUPPORTED),  # vLLM 0.26.0 on the H100
 ])
 def test_vllm_failures_classified_from_real_logs(name, expected):
     log = (FIXTURES / name).read_text()
@@ -34,19 +36,19 @@ def test_vllm_failures_classified_from_real_logs(name, expected):
 def test_sglang_failures_classified_from_real_logs(name):
     # SGLang 0.5.17's own argument errors (the end of its log), captured from `python -m sglang.launch_server`
     log = (FIXTURES.parent / "sglang" / name).read_text()
-    assert get_engine("sglang").classify_failure(2, log) == FailureClass.INVALID_CONFIG
+    assert get_engine("sglang").classify_failure(2, log) == Outcome.INVALID_CONFIG
 
 
 def test_a_healthy_sglang_start_on_the_h100_matches_no_failure_pattern():
     # the start of trial 0 in experiments/h100-sglang (warnings about missing optional modules included)
     log = (FIXTURES.parent / "sglang" / "ok-h100-startup.log").read_text()
     assert "max_total_num_tokens=410636" in log
-    assert get_engine("sglang").classify_failure(None, log) == FailureClass.CRASH  # the fallback: nothing known
+    assert get_engine("sglang").classify_failure(None, log) == Outcome.CRASH  # the fallback: nothing known
 
 
 def test_healthy_log_with_a_backend_warning_is_not_a_known_failure():
     log = (FIXTURES / "ok-backend-ignored-on-cpu.log").read_text()
-    assert get_engine("vllm").classify_failure(None, log) == FailureClass.CRASH
+    assert get_engine("vllm").classify_failure(None, log) == Outcome.CRASH
 
 
 def test_vllm_metrics_parsed_from_real_scrape():
@@ -56,26 +58,28 @@ def test_vllm_metrics_parsed_from_real_scrape():
     assert not any(name.endswith("_bucket") for name in metrics)
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang", "sim"])
+@pytest.mark.parametrize("engine", engine_names())
 def test_one_config_gives_each_engine_its_argv_and_parses_back(engine):
     space = load_space(engine)
     config = dict(space.defaults(), max_num_seqs=48, enable_prefix_caching=False, tensor_parallel_size=2)
-    model = "llama-3.1-8b" if engine == "sim" else "/models/llama"
-    launch = Launch(config=config, model=model, port=8123, api_key="sekret", time_scale=5)
     adapter = get_engine(engine)
+    model = "llama-3.1-8b" if adapter.simulated else "/models/llama"
+    launch = Launch(config=config, model=model, port=8123, api_key="sekret", time_scale=5)
     spec = adapter.server_spec(launch, space)
     assert spec.url == "http://127.0.0.1:8123"
     assert spec.argv[spec.argv.index("--host") + 1] == "127.0.0.1"
     command = adapter.serve_command(launch, space)
+    assert command[:len(adapter.display_program())] == adapter.display_program()
     assert "8123" not in command and "sekret" not in command  # tuner-internal port and key stay out
-    assert parse_flags(space, command) == space.active_config(config)
+    in_file = {n for n, k in space.knobs.items() if k.option or k.option_off}  # the options file, not argv
+    flags = {k: v for k, v in parse_flags(space, command).items() if k not in in_file}
+    assert flags == {k: v for k, v in space.active_config(config).items() if k not in in_file}
+    assert spec.clock_scale == (5 if adapter.simulated else 1)
     if engine == "vllm":
         assert command[:3] == ["vllm", "serve", "/models/llama"]
         assert spec.env["VLLM_API_KEY"] == "sekret" and "sekret" not in spec.argv
     if engine == "sglang":
         assert command[:4] == ["python", "-m", "sglang.launch_server", "--model-path"]
-    if engine == "sim":
-        assert spec.clock_scale == 5
 
 
 def test_unknown_engine_and_shape_are_input_errors():
@@ -158,3 +162,40 @@ def test_engine_metrics_derive_spec_decode_acceptance_from_a_real_scrape():
     drafting = get_engine("sglang").engine_metrics(
         'sglang:spec_accept_length{model_name="m"} 2.5\nsglang:spec_accept_rate{model_name="m"} 0.4\n')
     assert drafting["spec_decode_mean_accepted_length"] == 2.5 and drafting["spec_decode_acceptance_rate"] == 0.4
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_a_missing_module_at_start_is_an_environment_failure_naming_the_module(engine):
+    # vLLM 0.26.0 with --quantization fp8 on an install without compressed_tensors (issue #14's H200 run)
+    log = (FIXTURES / "fail-missing-module-fp8.log").read_text()
+    assert get_engine(engine).classify_failure(1, log) == Outcome.ENVIRONMENT == "environment"
+    assert missing_module(log) == "compressed_tensors"
+    raw = "Traceback (most recent call last):\n  File \"x.py\", line 1\nImportError: cannot import name 'f' from 'flashinfer.x'"
+    assert get_engine(engine).classify_failure(1, raw) == Outcome.ENVIRONMENT and missing_module(raw) == "flashinfer.x"
+
+
+def test_warnings_that_quote_an_import_error_are_not_environment_failures():
+    # SGLang 0.5.17 on the H100 logs two optional modules it could not import, then starts fine
+    log = (FIXTURES.parent / "sglang" / "ok-h100-startup.log").read_text()
+    assert "No module named 'openai_harmony'" in log
+    assert get_engine("sglang").classify_failure(None, log) == Outcome.CRASH
+
+
+def test_outcomes_are_plain_strings_in_a_store():
+    assert json.loads(json.dumps({"failure": Outcome.SLO_LOST})) == {"failure": "slo_lost"}
+    assert f"{Outcome.OOM_LOAD}" == str(Outcome.OOM_LOAD) == "oom_under_load"
+    assert Outcome("predicted_infeasible") is Outcome.PREDICTED_INFEASIBLE  # an old store's value reads back
+
+
+@pytest.mark.parametrize("engine", engine_names())
+def test_every_registered_engine_has_its_space_and_consistent_facts(engine):
+    adapter = get_engine(engine)
+    assert adapter.name == engine and load_space(engine).engine == engine
+    assert adapter.display_program() and adapter.classify_failure(1, "") == Outcome.CRASH
+    assert adapter.simulated != adapter.needs_gpu  # a simulator needs no GPU; a real engine does
+    if adapter.image:
+        command, args = adapter.container("org/model")
+        assert "org/model" in args and str(adapter.port) in args
+    else:
+        with pytest.raises(NotImplementedError):
+            adapter.container("org/model")

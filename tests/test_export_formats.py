@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tuner.cli import main
-from tuner.engines import get_engine
+from tuner.engines import engine_names, get_engine
 from tuner.engines.base import Launch
 from tuner.space.constraints import gpus_needed
 from tuner.space.flags import parse_flags
@@ -71,14 +71,14 @@ def _export(capsys, name: str, storage: str, *extra: str) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+@pytest.mark.parametrize("engine", [n for n in engine_names() if get_engine(n).image])
 def test_k8s_manifest_parses_back_to_the_chosen_trial(tmp_path, capsys, engine):
     name, storage, configs = _study(tmp_path, engine)
     docs = list(yaml.safe_load_all(_export(capsys, name, storage, "--format", "k8s")))
     deployment, service = docs
     assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    port = {"vllm": 8000, "sglang": 30000}[engine]
+    port = get_engine(engine).port
     # the best throughput within the SLO is "pick" (the faster "fast" misses the SLO)
     assert parse_flags(load_space(engine), container["args"]) == configs["pick"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus_needed(configs["pick"]) == 4
@@ -97,7 +97,7 @@ def test_k8s_manifest_parses_back_to_the_chosen_trial(tmp_path, capsys, engine):
     assert container["args"][-4:] == ["--load-format", "dummy", "--max-model-len", "4096"]
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+@pytest.mark.parametrize("engine", [n for n in engine_names() if get_engine(n).image])
 def test_docker_line_parses_back_to_the_chosen_trial(tmp_path, capsys, engine):
     name, storage, configs = _study(tmp_path, engine)
     words = shlex.split(_export(capsys, name, storage, "--format", "docker", "--image", "registry.local/eng:1"))
@@ -105,7 +105,7 @@ def test_docker_line_parses_back_to_the_chosen_trial(tmp_path, capsys, engine):
     image_at = words.index("registry.local/eng:1")
     options, args = words[2:image_at], words[image_at + 1:]
     assert options[options.index("--gpus") + 1] == "4"
-    port = {"vllm": 8000, "sglang": 30000}[engine]
+    port = get_engine(engine).port
     assert options[options.index("-p") + 1] == f"127.0.0.1:{port}:{port}"
     assert "--ipc=host" in options
     assert parse_flags(load_space(engine), args) == configs["pick"]

@@ -17,16 +17,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 import pytest
 import sqlalchemy.exc
 
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines.base import Launch
+from tuner.outcome import Outcome
+from tuner.records.trial import records
 from tuner.runner.trial import TrialOutcome, TrialSpec, execute_trial, scrub_secret
 from tuner.space.knobs import load_space
-from tuner.study.records import records
 from tuner.tracking.mlflow_log import _redact
 from tuner.workload.request import TraceRequest
 
@@ -134,7 +136,7 @@ def measured_rows(outcome: TrialOutcome) -> tuple[int, int]:
 
 def test_server_killed_mid_replay_is_a_crash_and_what_was_measured_is_kept(tmp_path):
     outcome, pid = run_with(trial_spec(tmp_path), lambda pid: os.kill(pid, signal.SIGKILL))
-    assert not outcome.ok and outcome.failure == FailureClass.CRASH
+    assert not outcome.ok and outcome.failure == Outcome.CRASH
     assert "during the replay" in outcome.message and "-9" in outcome.message
     completed, failed = measured_rows(outcome)
     assert completed >= 1 and failed >= 1  # requests before the kill are measured, the rest recorded as failed
@@ -143,7 +145,7 @@ def test_server_killed_mid_replay_is_a_crash_and_what_was_measured_is_kept(tmp_p
 
 def test_stopped_server_is_a_hang_and_is_torn_down(tmp_path):
     outcome, pid = run_with(trial_spec(tmp_path), lambda pid: os.kill(pid, signal.SIGSTOP))
-    assert not outcome.ok and outcome.failure == FailureClass.HANG, outcome.message
+    assert not outcome.ok and outcome.failure == Outcome.HANG, outcome.message
     assert measured_rows(outcome)[0] >= 1
     assert_clean_teardown(outcome, pid)
 
@@ -152,14 +154,14 @@ def test_server_hanging_during_warm_up_is_a_hang_too(tmp_path):
     spec = trial_spec(tmp_path, "--fault", "hang-under-load", "--fault-after-requests", "1")
     spec.warmup_requests = 2  # the first request to arrive is a warm-up request
     outcome, pid = run_with(spec)
-    assert not outcome.ok and outcome.failure == FailureClass.HANG, outcome.message
+    assert not outcome.ok and outcome.failure == Outcome.HANG, outcome.message
     assert_clean_teardown(outcome, pid)
 
 
 @pytest.mark.parametrize("fault, failure", [
-    ("oom-under-load", FailureClass.OOM_LOAD),
-    ("crash-under-load", FailureClass.CRASH),
-    ("hang-under-load", FailureClass.HANG),
+    ("oom-under-load", Outcome.OOM_LOAD),
+    ("crash-under-load", Outcome.CRASH),
+    ("hang-under-load", Outcome.HANG),
 ])
 def test_simulated_fault_under_load_is_classified(tmp_path, fault, failure):
     outcome, pid = run_with(trial_spec(tmp_path, "--fault", fault, "--fault-after-requests", "8"))
@@ -170,8 +172,8 @@ def test_simulated_fault_under_load_is_classified(tmp_path, fault, failure):
 
 
 @pytest.mark.parametrize("model, sim_args, failure, log_text", [
-    ("tiny-llama", ("--fault", "crash-at-start"), FailureClass.CRASH, "simulated fault: crash at start"),
-    ("llama-3.1-70b", ("--gpu-memory-utilization", "0.5"), FailureClass.OOM_STARTUP,
+    ("tiny-llama", ("--fault", "crash-at-start"), Outcome.CRASH, "simulated fault: crash at start"),
+    ("llama-3.1-70b", ("--gpu-memory-utilization", "0.5"), Outcome.OOM_STARTUP,
      "No available memory for the cache blocks"),
 ])
 def test_start_up_failure_is_classified(tmp_path, model, sim_args, failure, log_text):
@@ -182,6 +184,32 @@ def test_start_up_failure_is_classified(tmp_path, model, sim_args, failure, log_
     assert outcome.ready_s == 0 and "before it was ready" in outcome.message
     assert log_text in outcome.log_tail
     assert_clean_teardown(outcome, pid)
+
+
+def test_a_start_that_cannot_import_a_module_is_an_environment_failure_naming_it(tmp_path, monkeypatch):
+    """vLLM's failure patterns on a real process whose import fails, as an engine install missing a module."""
+    from dataclasses import dataclass
+
+    from tuner.engines import registry
+    from tuner.engines.vllm import VllmEngine
+
+    monkeypatch.setattr(registry, "_ADAPTERS", dict(registry._ADAPTERS))
+
+    @registry.register_engine("vllm-broken")
+    @dataclass
+    class BrokenInstall(VllmEngine):
+        name: str = "vllm-broken"
+
+        def program(self, launch: Launch) -> list[str]:
+            return [launch.python, "-c", "import servetune_no_such_module"]
+
+    space = load_space("vllm")
+    spec = replace(trial_spec(tmp_path), engine="vllm-broken", space=space,
+                   launch=Launch(config=space.defaults(), model="/models/none", baseline=True))
+    outcome = execute_trial(spec)
+    assert not outcome.ok and outcome.failure == Outcome.ENVIRONMENT, (outcome.failure, outcome.message)
+    assert "cannot import servetune_no_such_module" in outcome.message
+    assert "ModuleNotFoundError: No module named 'servetune_no_such_module'" in outcome.log_tail
 
 
 # --- who can reach a trial server, and what is written down ------------------------------------------
@@ -319,7 +347,7 @@ def _study(out: Path, name: str) -> optuna.Study:
 def _ran(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that ran on a server to an end (not rejected by a constraint, not interrupted)."""
     ran = {r.number for r in records(study) if r.state in ("COMPLETE", "FAIL", "PRUNED")
-           and r.failure not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED)}
+           and r.failure not in (Outcome.CONSTRAINT, Outcome.INTERRUPTED)}
     return [t for t in study.get_trials(deepcopy=False) if t.number in ran]
 
 
@@ -392,7 +420,7 @@ def test_killed_tune_leaves_no_server_and_the_same_command_finishes_the_study(tm
     assert "1 interrupted trial(s) will run again" in again.stdout and "Pareto front" in again.stdout
     study = _study(out, "killed")
     interrupted = study.trials[number]
-    assert records(study)[number].failure == FailureClass.INTERRUPTED
+    assert records(study)[number].failure == Outcome.INTERRUPTED
     assert any(t.params == interrupted.params for t in _ran(study) if t.number > number)  # run again
     assert {t.number: t.values for t in _ran(study) if t.number in before} == before  # kept as they were
     assert len(_ran(study)) == 3

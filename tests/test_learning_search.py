@@ -16,14 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines.base import Launch
 from tuner.engines.sim import SimEngine
 from tuner.loadgen.metrics import RequestResult, summarize, tpot_s, wall_duration_s
 from tuner.loadgen.replay import BenchConfig, ProgressSnapshot, chain, run_bench_sync
 from tuner.loadgen.slo import parse_slo
+from tuner.outcome import Outcome
 from tuner.runner.server import ManagedServer, free_port
 from tuner.simulator.config import EngineStartupError, SimConfig
-from tuner.simulator.engine import Engine, SimArrival, simulate
+from tuner.simulator.engine import SimArrival, SimScheduler, simulate
 from tuner.space.knobs import load_space
 from tuner.study.capacity import CapacityResult, find_capacity, good_fraction, poisson_at_rate
 from tuner.study.feasibility import (PREDICTED_INFEASIBLE, FeasibilityModel, Observation, launches_avoided,
@@ -55,7 +56,7 @@ def _simulate_summary(config: SimConfig, requests: list[TraceRequest], slo) -> d
 def _start(config: dict) -> str | None:
     """Start the simulated engine's core as `tune sim-serve` would; the failure class if it cannot."""
     try:
-        Engine(SimConfig(max_model_len=LONG_CONTEXT, **config))
+        SimScheduler(SimConfig(max_model_len=LONG_CONTEXT, **config))
     except EngineStartupError as exc:
         return SimEngine().classify_failure(1, str(exc))
     return None
@@ -87,14 +88,14 @@ def test_failing_region_is_learnt_and_then_not_launched(tmp_path):
             continue
         failure = _start(config)
         if failure:
-            assert failure == FailureClass.OOM_STARTUP
+            assert failure == Outcome.OOM_STARTUP
             trial.set_user_attr("failure", failure)  # what Tuner._record stores for a failed server
             study.tell(trial, state=TrialState.FAIL)
             launched_failures.append(config)
         else:
             study.tell(trial, config["max_num_seqs"])
 
-    assert all(_start(config) == FailureClass.OOM_STARTUP for config in skipped), "a feasible config was skipped"
+    assert all(_start(config) == Outcome.OOM_STARTUP for config in skipped), "a feasible config was skipped"
     assert len(launched_failures) <= 4 and len(skipped) >= 2 * len(launched_failures)
     assert len(region_after_learning) >= 8 and sum(region_after_learning) <= len(region_after_learning) / 4
     assert launches_avoided(study) == len(skipped)
@@ -104,7 +105,7 @@ def test_failing_region_is_learnt_and_then_not_launched(tmp_path):
 
 
 def _observations(pairs) -> list[Observation]:
-    return [Observation(config, failed, FailureClass.OOM_STARTUP if failed else None) for config, failed in pairs]
+    return [Observation(config, failed, Outcome.OOM_STARTUP if failed else None) for config, failed in pairs]
 
 
 def test_feasibility_waits_for_enough_failures_and_knows_far_points():
@@ -310,3 +311,13 @@ def test_poisson_retiming_has_the_asked_rate():
     assert at_rate[0].arrival_s == 0.0
     assert at_rate[-1].arrival_s / (len(at_rate) - 1) == pytest.approx(0.25, rel=0.06)
     assert poisson_at_rate(at_rate, 4.0, seed=5) == at_rate
+
+
+def test_the_pruner_and_the_rung_watch_are_replay_watchers():
+    from tuner.loadgen.replay import ReplayWatcher
+
+    trace = [TraceRequest(arrival_s=i * 0.1, input_tokens=100, output_tokens=10) for i in range(20)]
+    watchers = [SloPruner(parse_slo("ttft_p99=1s"), 20), RungWatch(SuccessiveHalving(), trace, None)]
+    for watcher in watchers:
+        assert isinstance(watcher, ReplayWatcher) and watcher.decision is None
+    assert not isinstance(lambda snapshot: False, ReplayWatcher)  # a bare callable has no `finish`

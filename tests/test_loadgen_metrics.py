@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from tuner.loadgen.metrics import (RequestResult, summarize, to_server_clock, tpot_s,
-                                   wall_duration_s, write_results)
-from tuner.loadgen.replay import BenchResult
+from tuner.loadgen.metrics import RequestResult, summarize, to_server_clock, tpot_s, wall_duration_s
+from tuner.loadgen.replay import BenchResult, write_results
 from tuner.loadgen.slo import parse_slo
 
 

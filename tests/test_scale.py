@@ -28,8 +28,8 @@ from tuner.errors import InputError
 from tuner.export.command import load_study
 from tuner.runner.placement import nvlink_order
 from tuner.runner.reaper import TOKEN_ENV, processes_with_token, reap
-from tuner.study.objectives import Objectives
-from tuner.study.storage import cluster_notes, open_storage
+from tuner.records.objectives import Objectives
+from tuner.records.storage import cluster_notes, open_storage
 
 WORKLOAD = Path(__file__).parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -206,7 +206,7 @@ def test_killed_actor_is_requeued_once_then_failed_and_leaves_no_server(tmp_path
     first = study.trials[0]
     assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["failure"] == "lost"
     assert first.user_attrs["requeued"] is True and "queued to run again" in first.user_attrs["message"]
-    assert "killed by `ray.kill`" in first.user_attrs["message"] or "ray.kill" in first.user_attrs["message"]
+    assert first.user_attrs["message"].startswith("trial actor lost (") and "killed by `ray.kill`" in first.user_attrs["message"]
     retry = next(t for t in study.trials if t.user_attrs.get("requeued_from") == 0)
     assert retry.params == first.params and retry.user_attrs.get("baseline") is True
     assert retry.state == optuna.trial.TrialState.FAIL and retry.user_attrs["failure"] == "lost"

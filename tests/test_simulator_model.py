@@ -13,14 +13,15 @@ import pytest
 from tuner.errors import InputError
 from tuner.simulator.config import (EngineStartupError, SimConfig, SpeculativeConfig, check_engine_config,
                                     parse_speculative_config, parse_token_count)
-from tuner.simulator.engine import Engine, SimArrival, simulate
+from tuner.simulator.engine import SimArrival, SimScheduler, simulate
 from tuner.simulator.kv_cache import KVCache, PrefixHasher
 from tuner.simulator.perf_model import PerfModel
 from tuner.workload.prompts import token_ids_for
 from tuner.workload.request import TraceRequest
 
 REPO = Path(__file__).resolve().parents[1]
-MOONCAKE = Path("/work/shared/traces/mooncake_conversation_trace.jsonl")
+# the committed slice: the full trace's first 300 lines, unmodified
+MOONCAKE = Path(__file__).resolve().parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"
 
 
 def closed_loop_arrivals(count: int = 256, prompt: int = 1024, output: int = 128) -> list[SimArrival]:
@@ -93,7 +94,7 @@ def test_engine_leaves_no_blocks_held_and_produces_exact_lengths():
     arrivals = [SimArrival(float(i) * 0.01, rng.integers(100, 30000, int(n)).tolist(), int(m))
                 for i, (n, m) in enumerate(zip(rng.integers(1, 3000, 60), rng.integers(1, 200, 60)))]
     config = SimConfig(gpu_memory_utilization=0.26, max_model_len=4096)  # tight cache: preemptions happen
-    engine = Engine(config)
+    engine = SimScheduler(config)
     pending = list(arrivals)
     done = {}
     while pending or engine.has_unfinished():
@@ -112,7 +113,7 @@ def test_engine_leaves_no_blocks_held_and_produces_exact_lengths():
 
 
 def test_cached_prefix_needs_no_prefill_compute():
-    engine = Engine(SimConfig())
+    engine = SimScheduler(SimConfig())
     prompt = list(range(1000, 5000))
     first = engine.add_request(prompt, 1)
     while engine.has_unfinished():
@@ -159,7 +160,6 @@ def mooncake_slice(rows: int) -> list[SimArrival]:
     return arrivals
 
 
-@pytest.mark.skipif(not MOONCAKE.exists(), reason="shared Mooncake trace not present")
 def test_prefix_caching_cuts_ttft_on_mooncake():
     """(b) Kimi conversation traffic shares its leading 512-token blocks; the cache turns them into hits."""
     arrivals = mooncake_slice(100)
@@ -185,7 +185,7 @@ def test_small_kv_cache_preempts():
 
 def longest_decode_gap(config: SimConfig) -> float:
     """The longest wait between two tokens of a running decode while a 16k-token prompt arrives."""
-    engine = Engine(config)
+    engine = SimScheduler(config)
     decoding = engine.add_request(512, 400)
     for _ in range(20):
         engine.step()
@@ -236,7 +236,7 @@ def test_engine_config_errors_carry_vllm_messages():
                                                  r"tensor parallel size \(3\)\."):
         check_engine_config(SimConfig(tensor_parallel_size=3).resolved())
     with pytest.raises(EngineStartupError, match="No available memory for the cache blocks"):
-        Engine(SimConfig(model_shape="llama-3.1-70b"))
+        SimScheduler(SimConfig(model_shape="llama-3.1-70b"))
 
 
 def test_flag_values_are_checked():

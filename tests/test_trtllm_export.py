@@ -16,8 +16,9 @@ import yaml
 
 from tuner.cli import main
 from tuner.engines import get_engine
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines.base import Launch
 from tuner.errors import InputError
+from tuner.outcome import Outcome
 from tuner.space.flags import parse_flags, render_flags, render_options
 from tuner.space.knobs import load_space
 
@@ -146,13 +147,13 @@ def test_local_model_folder_is_served_under_its_folder_name(tmp_path):
 
 @pytest.mark.parametrize("log, expected", [
     ("[E] Failed to initialize executor on rank 1: Executor creation failed due to insufficient GPU memory.",
-     FailureClass.OOM_STARTUP),
+     Outcome.OOM_STARTUP),
     ("[TensorRT-LLM][ERROR] CUDA runtime error in ::cudaMallocAsync(ptr, n, stream): out of memory",
-     FailureClass.OOM_STARTUP),
-    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", FailureClass.OOM_LOAD),
-    ("Error: No such option: --max-model-len", FailureClass.INVALID_CONFIG),
-    ("pydantic_core._pydantic_core.ValidationError: 1 validation error for KvCacheConfig", FailureClass.INVALID_CONFIG),
-    ("Segmentation fault (core dumped)", FailureClass.CRASH),
+     Outcome.OOM_STARTUP),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", Outcome.OOM_LOAD),
+    ("Error: No such option: --max-model-len", Outcome.INVALID_CONFIG),
+    ("pydantic_core._pydantic_core.ValidationError: 1 validation error for KvCacheConfig", Outcome.INVALID_CONFIG),
+    ("Segmentation fault (core dumped)", Outcome.CRASH),
 ])
 def test_failures_classified(log, expected):
     assert get_engine("trtllm").classify_failure(1, log) == expected
@@ -209,7 +210,8 @@ def test_export_shell_writes_the_options_file_then_runs_the_command(tmp_path, ca
     name, storage, study = _study(tmp_path)
     _add_trial(study, _config(), 900.0, baseline=True)
     _add_trial(study, _config(**PICK), 2000.0)
-    out = _export(capsys, name, storage, "--format", "shell")
+    note, out = _export(capsys, name, storage, "--format", "shell").split("\n", 1)
+    assert note.startswith("# servetune: this configuration changes the model's outputs (kv_cache_dtype=fp8)")
     head, rest = out.split("\n", 1)
     assert head == f"cat > {OPTIONS} <<'EOF'"
     body, command = rest.split("EOF\n", 1)
@@ -225,7 +227,8 @@ def test_export_shell_writes_the_options_file_then_runs_the_command(tmp_path, ca
     assert yaml.safe_load((tmp_path / OPTIONS).read_text()) == PICK_OPTIONS
 
     config_file = _export(capsys, name, storage, "--format", "yaml")
-    header, _, text = config_file.partition("\n")
+    assert config_file.split("\n", 1)[0] == note
+    header, _, text = config_file.split("\n", 1)[1].partition("\n")
     assert yaml.safe_load(text) == PICK_OPTIONS
     assert shlex.split(header.split("use as: ", 1)[1]) == [
         "trtllm-serve", MODEL, "--backend", "pytorch", *PICK_FLAGS, "--extra_llm_api_options", "THIS_FILE"]

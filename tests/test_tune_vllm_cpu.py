@@ -13,7 +13,7 @@ import pytest
 
 from tuner.cli import main
 from tuner.export.command import load_study
-from tuner.study.pareto import completed_points
+from tuner.records.pareto import completed_points
 
 VLLM_PYTHON = os.environ.get("SERVETUNE_VLLM_PYTHON")
 pytestmark = [pytest.mark.vllm_cpu, pytest.mark.slow,

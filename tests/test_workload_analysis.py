@@ -11,8 +11,9 @@ from tuner.workload.analysis import analyze, format_stats
 from tuner.workload.formats import read_trace
 from tuner.workload.request import TraceRequest
 
-SHARED_TRACES = Path("/work/shared/traces")
-WORKLOADS = Path(__file__).resolve().parent.parent / "workloads"
+REPO = Path(__file__).resolve().parents[1]
+WORKLOADS = REPO / "workloads"
+SHARED_TRACES = REPO.parent / "shared" / "traces"  # the full traces, beside the checkout (not committed)
 
 
 def handmade() -> list[TraceRequest]:
@@ -84,7 +85,7 @@ def test_slice_numbers():
     assert (stats.prefix.blocks_total, stats.prefix.blocks_unique) == (8_490, 7_814)
 
 
-@pytest.mark.skipif(not SHARED_TRACES.is_dir(), reason="full traces not present")
+@pytest.mark.skipif(not SHARED_TRACES.is_dir(), reason=f"the full traces are not in {SHARED_TRACES}")
 def test_full_traces_match_published_figures():
     mooncake = analyze(read_trace(SHARED_TRACES / "mooncake_conversation_trace.jsonl"))
     assert mooncake.rows == 12_031 and round(mooncake.span_s) == 3_537

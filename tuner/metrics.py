@@ -1,7 +1,7 @@
 """The one registry of what a run is measured on: each metric's name, unit, direction, where the run
 summary keeps it, and (for latencies) its value per request.
 
-Objectives (`tuner.study.objectives`), SLO targets (`tuner.loadgen.slo`), early stopping
+Objectives (`tuner.records.objectives`), SLO targets (`tuner.loadgen.slo`), early stopping
 (`tuner.study.pruning`), the summary (`tuner.loadgen.metrics`) and the reports read metrics from here.
 Latency metrics are `<kind>_<stat>`: kind ttft|tpot|itl|e2e, stat mean|p50|p90|p99|max.
 """

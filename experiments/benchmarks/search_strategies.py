@@ -300,7 +300,7 @@ def make_sampler_for(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
 
 def run_strategy(strategy: str, seed: int, tapes: dict[str, Tape], requests: list[TraceRequest],
                  grid_best: float, budget_s: float) -> Run:
-    from tuner.study.objectives import slo_constraints
+    from tuner.records.objectives import slo_constraints
 
     features = FEATURES.get(strategy, Features())
     study = optuna.create_study(direction="maximize", sampler=make_sampler_for(strategy, seed))

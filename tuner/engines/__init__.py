@@ -1,22 +1,14 @@
-"""Engine adapters by name. Each lives in its own module and knows one engine only."""
+"""Engine adapters by name. Each lives in its own module, knows one engine only and registers itself."""
 
 from __future__ import annotations
 
-import importlib
-
 from tuner.engines.base import Engine
-from tuner.errors import InputError
+from tuner.engines.registry import engine_names, get_engine, is_simulated, needs_gpu, register_engine
 
-ADAPTERS = {
-    "sim": ("tuner.engines.sim", "SimEngine"),
-    "vllm": ("tuner.engines.vllm", "VllmEngine"),
-    "sglang": ("tuner.engines.sglang", "SglangEngine"),
-    "trtllm": ("tuner.engines.trtllm", "TrtllmEngine"),
-}
+# the built-in adapters register themselves, in this order (the first simulated one is the default)
+from tuner.engines import sim  # noqa: E402,F401,I001
+from tuner.engines import vllm  # noqa: E402,F401
+from tuner.engines import sglang  # noqa: E402,F401
+from tuner.engines import trtllm  # noqa: E402,F401
 
-
-def get_engine(name: str) -> Engine:
-    if name not in ADAPTERS:
-        raise InputError(f"unknown engine '{name}'; known: {', '.join(ADAPTERS)}", field="engine")
-    module, cls = ADAPTERS[name]
-    return getattr(importlib.import_module(module), cls)()
+__all__ = ["Engine", "engine_names", "get_engine", "is_simulated", "needs_gpu", "register_engine"]

@@ -10,28 +10,14 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from tuner.errors import InputError
+from tuner.outcome import Outcome
 from tuner.space.flags import render_flags, render_options
 from tuner.space.knobs import SearchSpace
-
-
-class FailureClass:
-    """Why a trial failed; later stages learn the infeasible region from these."""
-
-    OOM_STARTUP = "oom_startup"
-    OOM_LOAD = "oom_under_load"
-    INVALID_CONFIG = "invalid_config"
-    UNSUPPORTED = "unsupported"
-    CRASH = "crash"
-    HANG = "hang"
-    STARTUP_TIMEOUT = "startup_timeout"
-    REQUEST_ERRORS = "request_errors"
-    CONSTRAINT = "constraint"
-    INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -91,13 +77,39 @@ class OptionsFile:
 
 @dataclass(frozen=True)
 class FailurePattern:
-    failure: str
+    failure: Outcome
     pattern: re.Pattern
 
 
 @dataclass
 class Engine(ABC):
-    """An engine adapter. Subclasses know one engine and nothing about any other."""
+    """An engine adapter. Subclasses know one engine and nothing about any other, and register
+    themselves with `@register_engine(name)` (tuner.engines.registry); the CLI's engine choices, sweep
+    validation and exports read the registry and the class facts below, nowhere else.
+
+    Lifecycle, and which process calls each hook:
+
+    - Required (abstract): `program`, `display_program`, `model_args`.
+    - The lead process (`tune`), before any trial: `version` and `help_argv` (the flags of the installed
+      version are probed once and knobs it lacks dropped), `clock_scale` (deadlines of each trial).
+    - The trial worker (a Ray actor, `tuner.runner.trial.execute_trial`), once per trial:
+      `server_spec` (built from `program`, `model_args`, `connection_args`, `environment` and
+      `options_file`) to start the server, `serve_command` for the record, `engine_metrics` (with
+      `derived_metrics`) from /metrics after the replay, `classify_failure` on the log when it fails.
+    - Exports (`tune export`, any process): `display_program`, `options_file`, `model_flag`, and for
+      container formats `image`, `port` and `container`.
+    Optional hooks have working defaults; override only what the engine does differently.
+    """
+
+    # facts about the engine, read from the class (no instance needed)
+    simulated: ClassVar[bool] = False  # a performance model, not a measurement: labelled SIMULATED
+    needs_gpu: ClassVar[bool] = True  # trials need a GPU of this machine (sweeps skip cells without one)
+    default_gpu: ClassVar[str] = ""  # the GPU model a simulator plays when none is named
+    auto: ClassVar[bool] = False  # `--engine auto` picks it where a GPU and `display_program()[0]` exist
+    image: ClassVar[str] = ""  # the official container image (empty: no container export)
+    port: ClassVar[int] = 8000  # the port it listens on by default, and in its container
+    model_flag: ClassVar[str] = ""  # the flag before the model in `serve_command` (empty: positional)
+    space_file: ClassVar[str] = ""  # its search space when not search_spaces/<name>.yaml
 
     name: str = ""
     package: str = ""  # the Python package the engine ships as, asked for its version
@@ -117,6 +129,11 @@ class Engine(ABC):
     @abstractmethod
     def model_args(self, launch: Launch) -> list[str]:
         """The flags that name the model, its context length and (dummy) weights."""
+
+    def container(self, model: str) -> tuple[list[str], list[str]]:
+        """(command, arguments before the trial's flags) in `image`, listening on all interfaces on
+        `port`; an empty command runs the image's own entrypoint."""
+        raise NotImplementedError(f"engine {self.name} has no container image")
 
     def connection_args(self, launch: Launch) -> list[str]:
         return ["--host", launch.host, "--port", str(launch.port), "--served-model-name", launch.served_model_name]
@@ -172,11 +189,11 @@ class Engine(ABC):
                 *render_flags(space, launch.config, baseline=launch.baseline),
                 *([options.flag, options.name] if options else []), *launch.extra_args]
 
-    def classify_failure(self, exit_code: int | None, log_tail: str) -> str:
+    def classify_failure(self, exit_code: int | None, log_tail: str) -> Outcome:
         for item in self.failure_patterns:
             if item.pattern.search(log_tail):
                 return item.failure
-        return FailureClass.CRASH
+        return Outcome.CRASH
 
     def engine_metrics(self, prometheus_text: str) -> dict[str, float]:
         """The engine's own counters and gauges worth logging, prefix stripped."""
@@ -202,5 +219,5 @@ class Engine(ABC):
         return {}
 
 
-def patterns(*pairs: tuple[str, str]) -> list[FailurePattern]:
+def patterns(*pairs: tuple[Outcome, str]) -> list[FailurePattern]:
     return [FailurePattern(failure, re.compile(regex, re.IGNORECASE | re.MULTILINE)) for failure, regex in pairs]

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from tuner.engines.base import Engine, FailureClass, Launch, patterns
+from tuner.engines.base import Engine, Launch, patterns
+from tuner.engines.registry import register_engine
+from tuner.outcome import Outcome
 
 
+@register_engine("sglang")
 @dataclass
 class SglangEngine(Engine):
+    image: ClassVar[str] = "lmsysorg/sglang"  # no serving entrypoint: the command is given
+    port: ClassVar[int] = 30000
+    model_flag: ClassVar[str] = "--model-path"
     name: str = "sglang"
     package: str = "sglang"
     metrics_prefix: str = "sglang:"
     failure_patterns: list = field(default_factory=lambda: patterns(
-        (FailureClass.OOM_STARTUP, r"Not enough memory\. Please try to increase --mem-fraction-static|"
-                                   r"Capture cuda graph failed"),
-        (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
-        (FailureClass.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
-        (FailureClass.INVALID_CONFIG, r"error: (argument|unrecognized|ambiguous option)|invalid choice"),
+        # a traceback's last line (not a warning that quotes one): the install lacks a module
+        (Outcome.ENVIRONMENT, r"^(\(\w+ pid=\d+\) )?(ERROR .*\] )?(ModuleNotFoundError|ImportError): "),
+        (Outcome.OOM_STARTUP, r"Not enough memory\. Please try to increase --mem-fraction-static|"
+                              r"Capture cuda graph failed"),
+        (Outcome.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
+        (Outcome.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
+        (Outcome.INVALID_CONFIG, r"error: (argument|unrecognized|ambiguous option)|invalid choice"),
     ))
 
     def program(self, launch: Launch) -> list[str]:
@@ -26,8 +35,12 @@ class SglangEngine(Engine):
     def display_program(self) -> list[str]:
         return ["python", "-m", "sglang.launch_server"]
 
+    def container(self, model: str) -> tuple[list[str], list[str]]:
+        return ["python3", "-m", "sglang.launch_server"], [self.model_flag, model, "--host", "0.0.0.0",
+                                                          "--port", str(self.port)]
+
     def model_args(self, launch: Launch) -> list[str]:
-        return ["--model-path", launch.model, "--enable-metrics",
+        return [self.model_flag, launch.model, "--enable-metrics",
                 *(["--context-length", str(launch.max_model_len)] if launch.max_model_len else []),
                 *(["--load-format", "dummy"] if launch.dummy_weights else [])]
 

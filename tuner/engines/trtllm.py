@@ -13,11 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tuner.engines.base import Engine, FailureClass, Launch, ServerSpec, patterns
+from tuner.engines.base import Engine, Launch, ServerSpec, patterns
+from tuner.engines.registry import register_engine
 from tuner.errors import InputError
+from tuner.outcome import Outcome
 from tuner.space.knobs import SearchSpace
 
 
+@register_engine("trtllm")
 @dataclass
 class TrtllmEngine(Engine):
     name: str = "trtllm"
@@ -26,14 +29,14 @@ class TrtllmEngine(Engine):
     options_name: str = "extra-llm-api-options.yaml"
     failure_patterns: list = field(default_factory=lambda: patterns(
         # NVIDIA/TensorRT-LLM#5872, #260; triton-inference-server/tensorrtllm_backend#168
-        (FailureClass.OOM_STARTUP, r"Executor creation failed due to insufficient GPU memory|"
-                                   r"CUDA runtime error in ::cudaMalloc\w*\(.*out of memory|"
-                                   r"must be large enough to process at least 1 sequence to completion"),
-        (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
-        (FailureClass.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b)"),
+        (Outcome.OOM_STARTUP, r"Executor creation failed due to insufficient GPU memory|"
+                              r"CUDA runtime error in ::cudaMalloc\w*\(.*out of memory|"
+                              r"must be large enough to process at least 1 sequence to completion"),
+        (Outcome.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
+        (Outcome.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b)"),
         # click's usage errors; pydantic's for options-file keys and values (LLM args are strict models)
-        (FailureClass.INVALID_CONFIG, r"Error: (No such option|Invalid value for|Got unexpected extra argument)|"
-                                      r"validation errors? for|Invalid decoding type"),
+        (Outcome.INVALID_CONFIG, r"Error: (No such option|Invalid value for|Got unexpected extra argument)|"
+                                 r"validation errors? for|Invalid decoding type"),
     ))
 
     def program(self, launch: Launch) -> list[str]:

@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from tuner.engines.base import Engine, FailureClass, Launch, patterns
+from tuner.engines.base import Engine, Launch, patterns
+from tuner.engines.registry import register_engine
+from tuner.outcome import Outcome
 
 
+@register_engine("vllm")
 @dataclass
 class VllmEngine(Engine):
+    auto: ClassVar[bool] = True
+    image: ClassVar[str] = "vllm/vllm-openai"  # its entrypoint is the OpenAI API server: args are `vllm serve`'s flags
+    port: ClassVar[int] = 8000
     name: str = "vllm"
     package: str = "vllm"
     metrics_prefix: str = "vllm:"
     failure_patterns: list = field(default_factory=lambda: patterns(
-        (FailureClass.OOM_STARTUP, r"No available memory for the cache blocks|is less than desired GPU memory "
-                                   r"utilization|larger than the available KV cache memory|is less than requested "
-                                   r"memory for kv|CUDA out of memory occurred when warming up|"
-                                   r"DefaultCPUAllocator: can't allocate memory"),
-        (FailureClass.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
-        (FailureClass.UNSUPPORTED, r"Unknown attention backend|(Error|Exception): .*(\bnot supported\b|"
-                                   r"\bunsupported\b|is not valid for this configuration)"),
-        (FailureClass.INVALID_CONFIG, r"must be greater than or equal to max_num_seqs|must be divisible by|"
-                                      r"is smaller than max_model_len|validation error for|"
-                                      r"error: (argument|unrecognized arguments)"),
+        # a traceback's last line (not a warning that quotes one): the install lacks a module
+        (Outcome.ENVIRONMENT, r"^(\(\w+ pid=\d+\) )?(ERROR .*\] )?(ModuleNotFoundError|ImportError): "),
+        (Outcome.OOM_STARTUP, r"No available memory for the cache blocks|is less than desired GPU memory "
+                              r"utilization|larger than the available KV cache memory|is less than requested "
+                              r"memory for kv|CUDA out of memory occurred when warming up|"
+                              r"DefaultCPUAllocator: can't allocate memory"),
+        (Outcome.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
+        (Outcome.UNSUPPORTED, r"Unknown attention backend|(Error|Exception): .*(\bnot supported\b|"
+                              r"\bunsupported\b|is not valid for this configuration)"),
+        (Outcome.INVALID_CONFIG, r"must be greater than or equal to max_num_seqs|must be divisible by|"
+                                 r"is smaller than max_model_len|validation error for|"
+                                 r"error: (argument|unrecognized arguments)"),
     ))
 
     def program(self, launch: Launch) -> list[str]:
@@ -30,6 +39,9 @@ class VllmEngine(Engine):
 
     def display_program(self) -> list[str]:
         return ["vllm", "serve"]
+
+    def container(self, model: str) -> tuple[list[str], list[str]]:
+        return [], ["--model", model, "--port", str(self.port)]
 
     def model_args(self, launch: Launch) -> list[str]:
         return [launch.model, *(["--max-model-len", str(launch.max_model_len)] if launch.max_model_len else []),

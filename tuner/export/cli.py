@@ -27,12 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tuner.export.command import choose, load_study, options_file, shell_line, yaml_config
+    from tuner.export.command import choose, load_study, options_file, output_note, shell_line, yaml_config
     from tuner.loadgen.slo import parse_slo
 
     storage = args.storage or f"sqlite:///{Path('servetune-runs/optuna.db').resolve()}"
     study = load_study(args.study, storage)
     point = choose(study, parse_slo(args.slo) if args.slo else None, args.prefer)
+    note = output_note(study, point)
+    if note:  # a comment in every format, so that it travels with the exported file
+        print(note)
     if args.format == "shell":
         print(shell_line(point, options_file(study, point)))
     elif args.format == "yaml":
@@ -41,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
         from tuner.export.deploy import container_for, docker_line, k8s_manifest, local_model_note
 
         container = container_for(point, study, model=args.model, image=args.image, name=args.name)
-        note = local_model_note(container)
-        if note:
-            print(note, file=sys.stderr)
+        local_note = local_model_note(container)
+        if local_note:
+            print(local_note, file=sys.stderr)
         print(k8s_manifest(container) if args.format == "k8s" else docker_line(container),
               end="" if args.format == "k8s" else "\n")
     return 0

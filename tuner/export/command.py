@@ -10,18 +10,19 @@ from typing import Any
 import optuna
 import yaml
 
-from tuner.engines import ADAPTERS, get_engine
+from tuner.engines import engine_names, get_engine
 from tuner.engines.base import Launch, OptionsFile
 from tuner.errors import InputError
 from tuner.loadgen.slo import SLO
-from tuner.space.knobs import load_space
-from tuner.study.objectives import Objectives, slo_constraints
-from tuner.study.pareto import Point, completed_points, pick
-from tuner.study.records import StudyRecord
+from tuner.records.objectives import Objectives, slo_constraints
+from tuner.records.pareto import Point, completed_points, pick
+from tuner.records.trial import StudyRecord
+from tuner.space.fit import output_changes
+from tuner.space.knobs import OUTPUT_CHANGING, SearchSpace, load_space
 
 
 def load_study(name: str, storage: str) -> optuna.Study:
-    from tuner.study.storage import open_storage
+    from tuner.records.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opened = open_storage(storage)
@@ -56,7 +57,25 @@ def choose(study: optuna.Study, slo: SLO | None, prefer: str) -> Point:
 
 
 def _options_flag(engine: str) -> str:
-    return get_engine(engine).options_flag if engine in ADAPTERS else ""
+    return get_engine(engine).options_flag if engine in engine_names() else ""
+
+
+def study_space(study: optuna.Study, point: Point) -> SearchSpace:
+    """The space the trial's engine was tuned in: the study's own file where it still exists."""
+    source = (study.user_attrs.get("spaces") or {}).get(point.engine)
+    return load_space(source if source and Path(source).exists() else point.engine)
+
+
+def output_note(study: optuna.Study, point: Point) -> str | None:
+    """A comment line for exports whose configuration changes the model's outputs (None: it keeps them)."""
+    try:
+        changes = output_changes(study_space(study, point), point.config)
+    except InputError:  # a space that no longer loads: nothing to say about it
+        return None
+    if not changes:
+        return None
+    return (f"# servetune: this configuration changes the model's outputs ({', '.join(changes)}); "
+            f"tune with --exclude {OUTPUT_CHANGING} to keep them")
 
 
 def options_file(study: optuna.Study, point: Point) -> OptionsFile | None:
@@ -64,8 +83,7 @@ def options_file(study: optuna.Study, point: Point) -> OptionsFile | None:
     flag = _options_flag(point.engine)
     if not flag:
         return None
-    source = (study.user_attrs.get("spaces") or {}).get(point.engine)
-    space = load_space(source if source and Path(source).exists() else point.engine)
+    space = study_space(study, point)
     options = get_engine(point.engine).options_file(Launch(config=point.config, model="", baseline=point.baseline),
                                                     space)
     if (options is not None) != (flag in point.command):

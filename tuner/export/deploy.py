@@ -1,9 +1,8 @@
 """The chosen trial in a container: a Kubernetes Deployment + Service, or a `docker run` line.
 
-Official images: `vllm/vllm-openai` (its entrypoint is vLLM's OpenAI API server, so the container
-args are the flags of `vllm serve`) and `lmsysorg/sglang` (no serving entrypoint: the command is
-`python3 -m sglang.launch_server`). The container listens on all its interfaces (a pod must be
-reachable); `docker run` publishes the port on the host's 127.0.0.1 only.
+Each engine adapter names its official image, port and in-container command (`Engine.image`, `port`,
+`container`). The container listens on all its interfaces (a pod must be reachable); `docker run`
+publishes the port on the host's 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -16,13 +15,11 @@ from pathlib import Path
 import optuna
 import yaml
 
-from tuner.engines import get_engine
+from tuner.engines import engine_names, get_engine
 from tuner.errors import InputError
 from tuner.space.constraints import gpus_needed
-from tuner.study.pareto import Point
+from tuner.records.pareto import Point
 
-IMAGES = {"vllm": "vllm/vllm-openai", "sglang": "lmsysorg/sglang"}
-PORTS = {"vllm": 8000, "sglang": 30000}
 HF_CACHE_VOLUME = '-v "$HOME/.cache/huggingface:/root/.cache/huggingface"'  # $HOME expands in the user's shell
 
 
@@ -42,15 +39,16 @@ class Container:
 
 def split_serve_command(point: Point) -> tuple[str, list[str]]:
     """(model, every flag after it) of a trial's recorded serve command."""
-    program = get_engine(point.engine).display_program()
+    adapter = get_engine(point.engine)
+    program = adapter.display_program()
     argv = list(point.command)
     if argv[:len(program)] != program or len(argv) <= len(program):
         raise InputError(f"trial {point.number} recorded no {point.engine} serve command", field="study")
     rest = argv[len(program):]
-    if point.engine == "sglang":
-        at = rest.index("--model-path") if "--model-path" in rest else -1
+    if adapter.model_flag:
+        at = rest.index(adapter.model_flag) if adapter.model_flag in rest else -1
         if at < 0 or at + 1 >= len(rest):
-            raise InputError(f"trial {point.number}: no --model-path in its command", field="study")
+            raise InputError(f"trial {point.number}: no {adapter.model_flag} in its command", field="study")
         return rest[at + 1], rest[:at] + rest[at + 2:]
     return rest[0], rest[1:]
 
@@ -73,24 +71,21 @@ def _dns_name(text: str) -> str:
 
 def container_for(point: Point, study: optuna.Study, model: str | None = None, image: str | None = None,
                   name: str | None = None) -> Container:
-    if point.engine not in IMAGES:
+    adapter = get_engine(point.engine) if point.engine in engine_names() else None
+    if adapter is None or not adapter.image:
+        with_images = [n for n in engine_names() if get_engine(n).image]
         raise InputError(f"trial {point.number} ran on '{point.engine}', which has no container image; "
-                         "the k8s and docker formats are for vllm and sglang trials", field="format")
+                         f"the k8s and docker formats are for {', '.join(with_images)} trials", field="format")
     recorded_model, flags = split_serve_command(point)
     if model and model != recorded_model:
         flags = _without_dummy_weights(flags)  # a model shape was tuned; the real model has real weights
     model = model or recorded_model
     version = (study.user_attrs.get("engine_versions") or {}).get(point.engine)
     tag = f"v{version}" if version and version[:1].isdigit() else "latest"
-    port = PORTS[point.engine]
-    if point.engine == "vllm":
-        command: list[str] = []
-        args = ["--model", model, "--port", str(port), *flags]
-    else:
-        command = ["python3", "-m", "sglang.launch_server"]
-        args = ["--model-path", model, "--host", "0.0.0.0", "--port", str(port), *flags]
+    command, args = adapter.container(model)
+    args = [*args, *flags]
     return Container(engine=point.engine, name=_dns_name(name or f"{point.engine}-{Path(model).name}"),
-                     image=image or f"{IMAGES[point.engine]}:{tag}", command=command, args=args, port=port,
+                     image=image or f"{adapter.image}:{tag}", command=command, args=args, port=adapter.port,
                      gpus=gpus_needed(point.config), model=model, study=study.study_name, trial=point.number)
 
 

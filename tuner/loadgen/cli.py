@@ -12,8 +12,8 @@ from datetime import datetime
 from pathlib import Path
 
 from tuner.errors import InputError
-from tuner.loadgen.metrics import BenchSummary, write_results
-from tuner.loadgen.replay import BenchConfig, ProgressSnapshot, run_bench_sync
+from tuner.loadgen.metrics import BenchSummary
+from tuner.loadgen.replay import BenchConfig, ProgressSnapshot, run_bench_sync, write_results
 from tuner.loadgen.slo import parse_slo
 
 

@@ -8,20 +8,13 @@ seconds (the first three from the start of the replay). Latencies (`slot_wait_s`
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tuner.loadgen.slo import SLO
 from tuner.metrics import request_value_s
-
-if TYPE_CHECKING:
-    from tuner.loadgen.replay import BenchResult
 
 
 @dataclass(slots=True)
@@ -191,7 +184,7 @@ def summarize(rows: list[RequestResult], duration_s: float, slo: SLO | None = No
 ROW_COLUMNS = [f.name for f in dataclasses.fields(RequestResult)]
 
 
-def _csv_cell(value: object) -> object:
+def csv_cell(value: object) -> object:
     if value is None:
         return ""
     if isinstance(value, list):
@@ -199,19 +192,3 @@ def _csv_cell(value: object) -> object:
     if isinstance(value, float):
         return f"{value:.6f}"
     return value
-
-
-def write_results(result: BenchResult, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write `requests.csv` (one row per request, itl_s space-separated) and `summary.json`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "requests.csv"
-    with rows_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(ROW_COLUMNS)
-        for row in sorted(result.rows, key=lambda r: r.index):
-            writer.writerow([_csv_cell(getattr(row, name)) for name in ROW_COLUMNS])
-    summary_path = out / "summary.json"
-    document = {**result.summary.to_dict(), **result.run_info()}
-    summary_path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
-    return rows_path, summary_path

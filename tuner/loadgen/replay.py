@@ -10,13 +10,17 @@ Closed loop: `concurrency` workers, each sending the next request as soon as its
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
 import inspect
 import itertools
+import json
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 import numpy as np
@@ -24,8 +28,8 @@ import numpy as np
 from tuner.errors import InputError
 from tuner.loadgen.client import (ENDPOINT_PATHS, build_payload, encode_body, fetch_first_model,
                                   request_headers, stream_request)
-from tuner.loadgen.metrics import (BenchSummary, RequestResult, summarize, to_server_clock,
-                                   tpot_s, wall_duration_s)
+from tuner.loadgen.metrics import (ROW_COLUMNS, BenchSummary, RequestResult, csv_cell, summarize,
+                                   to_server_clock, tpot_s, wall_duration_s)
 from tuner.loadgen.slo import SLO
 from tuner.workload.request import TraceRequest
 
@@ -108,6 +112,27 @@ class BenchResult:
 
 
 ProgressCallback = Callable[[ProgressSnapshot], "Awaitable[bool] | bool"]
+
+
+class StopDecision(Protocol):
+    def as_attrs(self) -> dict[str, Any]:
+        """What the trial records about why it was stopped (kind, reason, when)."""
+
+
+@runtime_checkable
+class ReplayWatcher(Protocol):
+    """A trial's replay watcher (tuner.study.pruning.SloPruner, tuner.study.fidelity.RungWatch).
+
+    The replay calls it with each progress snapshot (about once a second); True stops the replay,
+    and `decision` then says why. After a replay that ran to its end, `finish` gets every row and the
+    summary (too late to stop anything, in time to learn from it)."""
+
+    @property
+    def decision(self) -> StopDecision | None: ...
+
+    def __call__(self, snapshot: ProgressSnapshot) -> bool: ...
+
+    def finish(self, rows: Sequence[RequestResult], summary: dict[str, Any]) -> None: ...
 
 
 def _percentiles(values_ms: list[float]) -> tuple[float | None, float | None]:
@@ -344,3 +369,19 @@ def chain(*watchers: ProgressCallback) -> Callable[[ProgressSnapshot], bool]:
 def run_bench_sync(config: BenchConfig, requests: list[TraceRequest],
                    on_progress: ProgressCallback | None = None) -> BenchResult:
     return asyncio.run(run_bench(config, requests, on_progress))
+
+
+def write_results(result: BenchResult, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write `requests.csv` (one row per request, itl_s space-separated) and `summary.json`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "requests.csv"
+    with rows_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(ROW_COLUMNS)
+        for row in sorted(result.rows, key=lambda r: r.index):
+            writer.writerow([csv_cell(getattr(row, name)) for name in ROW_COLUMNS])
+    summary_path = out / "summary.json"
+    document = {**result.summary.to_dict(), **result.run_info()}
+    summary_path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    return rows_path, summary_path

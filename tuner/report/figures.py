@@ -6,8 +6,8 @@ from pathlib import Path
 
 from tuner.report.importance import Importances
 from tuner.report.results import StudyResult
-from tuner.study.objectives import THROUGHPUT, Objectives
-from tuner.study.pareto import pareto_front
+from tuner.records.objectives import THROUGHPUT, Objectives
+from tuner.records.pareto import pareto_front
 from tuner.tracking.plots import pyplot, save_png
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from tuner.loadgen.metrics import RequestResult, summarize
 from tuner.loadgen.slo import SLO
-from tuner.study.pareto import Point
+from tuner.records.pareto import Point
 
 _INTS = {"index", "prompt_tokens", "output_tokens", "requested_output_tokens", "cached_tokens"}
 _OPTIONAL = {"ttft_s", "tpot_s", "e2e_s", "cached_tokens", "error"}
 
 
 def read_rows(path: Path) -> list[RequestResult]:
-    """`requests.csv` as written by `tuner.loadgen.metrics.write_results`."""
+    """`requests.csv` as written by `tuner.loadgen.replay.write_results`."""
     rows = []
     with path.open(newline="") as handle:
         for record in csv.DictReader(handle):

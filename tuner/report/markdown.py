@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.report.importance import Importances
 from tuner.report.results import STOPPED, StudyResult
-from tuner.study.capacity import CapacityResult
-from tuner.study.objectives import THROUGHPUT
-from tuner.study.pareto import Point, front_table
+from tuner.records.capacity import CapacityResult
+from tuner.records.objectives import THROUGHPUT
+from tuner.records.pareto import Point, front_table
 
 SIMULATED_NOTE = ("> **SIMULATED**: these figures come from servetune's performance model of the GPU, not from a "
                   "GPU. Confirm a recommendation on real hardware.")

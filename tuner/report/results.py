@@ -10,20 +10,23 @@ from typing import Any
 
 import optuna
 
-from tuner.engines.base import FailureClass
-from tuner.study.feasibility import PREDICTED_INFEASIBLE
+from tuner.engines import is_simulated
+from tuner.errors import InputError
 from tuner.export.command import points_under, study_objectives
 from tuner.loadgen.slo import SLO, parse_slo
+from tuner.outcome import Outcome
+from tuner.records.objectives import THROUGHPUT, Objectives
+from tuner.records.pareto import Point, pareto_front, pick
+from tuner.records.recommend import Recommendation, recommend
+from tuner.records.trial import StudyRecord, records
 from tuner.report.goodput import goodput_under
+from tuner.space.fit import output_changes
+from tuner.space.knobs import load_space
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
-from tuner.study.objectives import THROUGHPUT, Objectives
-from tuner.study.pareto import Point, pareto_front, pick
-from tuner.study.recommend import Recommendation, recommend
-from tuner.study.records import StudyRecord, records
 
 STOPPED = "stopped early: "  # cause prefix of a trial a watcher stopped (tuner.study.pruning, fidelity)
 # proposals stopped before a server started: a known constraint, or a learned prediction of failure
-NEVER_LAUNCHED = (FailureClass.CONSTRAINT, PREDICTED_INFEASIBLE)
+NEVER_LAUNCHED = (Outcome.CONSTRAINT, Outcome.PREDICTED_INFEASIBLE)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class StudyResult:
 
     @property
     def simulated(self) -> bool:
-        return self.engines == ["sim"]
+        return is_simulated(self.engines)
 
     @property
     def label(self) -> str:
@@ -195,15 +198,10 @@ def output_changes_of(rec: StudyRecord, points: list[Point], prefer: str, object
     best = pick(points, objectives, prefer, rec.offered_rate)
     if best is None:
         return ()
-    try:
-        from tuner.space.knobs import load_space
-        from tuner.space.outputs import output_changes  # type: ignore[import-not-found]
-    except ImportError:
-        return ()
     source = rec.spaces.get(best.engine)
     try:
         space = load_space(source if source and Path(source).exists() else best.engine)
-    except Exception:  # a space that moved or broke since the study ran: say nothing rather than fail
+    except InputError:  # a space that moved or broke since the study ran: say nothing rather than fail
         return ()
     return tuple(output_changes(space, best.config))
 

@@ -12,11 +12,12 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from tuner.outcome import Outcome
 from tuner.runner.placement import Placement, nvlink_order, nvlink_peers
 from tuner.runner.reaper import TOKEN_ENV, reap
 from tuner.runner.trial import TrialOutcome, TrialSpec, execute_trial
 
-LOST = "lost"  # failure class of a trial whose actor or node died under it
+LOST = Outcome.LOST  # a trial whose actor or node died under it
 CPUS_PER_TRIAL = 1  # the actor drives the server and replays the trace: one core's worth
 
 

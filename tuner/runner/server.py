@@ -12,7 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tuner.engines.base import FailureClass, ServerSpec
+from tuner.engines.base import ServerSpec
+from tuner.outcome import Outcome
 
 _PR_SET_PDEATHSIG = 1
 
@@ -88,12 +89,12 @@ class ManagedServer:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if not self.alive():
-                raise ServerFailed(FailureClass.CRASH, f"server exited with code {self.process.returncode} "
-                                                       "before it was ready")
+                raise ServerFailed(Outcome.CRASH, f"server exited with code {self.process.returncode} "
+                                                  "before it was ready")
             if self._health() == 200:
                 return time.monotonic() - started
             time.sleep(poll_s)
-        raise ServerFailed(FailureClass.STARTUP_TIMEOUT, f"server not ready after {timeout_s:.0f} s")
+        raise ServerFailed(Outcome.STARTUP_TIMEOUT, f"server not ready after {timeout_s:.0f} s")
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM the whole process group, then SIGKILL; returns the exit code."""

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner.engines import get_engine
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines.base import Launch
 from tuner.hardware.inventory import used_memory_mib, wait_memory_back
-from tuner.loadgen.replay import BenchConfig, chain, run_bench_sync
-from tuner.loadgen.metrics import write_results
+from tuner.loadgen.replay import BenchConfig, ReplayWatcher, chain, run_bench_sync, write_results
 from tuner.loadgen.slo import SLO
+from tuner.outcome import Outcome, missing_module
 from tuner.runner.server import ManagedServer, ServerFailed, free_port
 from tuner.space.knobs import SearchSpace
 from tuner.workload.request import TraceRequest
@@ -42,10 +42,8 @@ class TrialSpec:
     startup_timeout_s: float = 600.0
     hang_timeout_s: float = 120.0  # no request finished for this long (server time) while the server lives
     request_timeout_s: float = 600.0
-    # on_progress watchers that may stop the replay early (tuner.study.pruning, fidelity); one that
-    # stopped it has a `decision` with `as_attrs()`; after a replay that ran to its end, those with a
-    # `finish(rows, summary)` method are called with it. They come back in the outcome with their state.
-    watchers: list[Callable] = field(default_factory=list)
+    # watchers that may stop the replay early; they come back in the outcome with their state
+    watchers: list[ReplayWatcher] = field(default_factory=list)
     # instead of one replay, measure(bench_config, requests, hang_watch) on the live server (capacity search)
     measure: Callable | None = None
     label: str = ""  # tells apart runs of one trial number (finalist repeats, capacity search)
@@ -75,7 +73,7 @@ class TrialOutcome:
     gpu_memory_released: bool | None = None  # None without NVML (no GPU)
     cuda_visible_devices: str = ""
     stopped: dict[str, Any] | None = None  # why a watcher stopped the replay early (the trial is pruned)
-    watchers: list[Callable] = field(default_factory=list)
+    watchers: list[ReplayWatcher] = field(default_factory=list)
     measured: Any = None  # what TrialSpec.measure returned
 
 
@@ -145,7 +143,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     outcome.log_path = str(server.log_path)
     hang = _HangWatch(spec.hang_timeout_s / server_spec.clock_scale)
     visible = [int(i) for i in outcome.cuda_visible_devices.split(",") if i.strip().isdigit()]
-    memory_before = used_memory_mib(visible) if spec.engine != "sim" else {}
+    memory_before = used_memory_mib(visible) if engine.needs_gpu else {}
     try:
         server.start()
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
@@ -158,35 +156,34 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
             outcome.measured = spec.measure(config, spec.requests, hang)
             outcome.ok = not hang.hung and server.alive()
             if not outcome.ok:
-                raise ServerFailed(FailureClass.HANG if hang.hung else FailureClass.CRASH,
+                raise ServerFailed(Outcome.HANG if hang.hung else Outcome.CRASH,
                                    "the server stopped answering during the load search")
             return outcome
         result = run_bench_sync(config, spec.requests, on_progress=chain(hang, *spec.watchers))
         outcome.watchers = spec.watchers
-        stopper = next((w for w in spec.watchers if getattr(w, "decision", None) is not None), None)
-        if result.stopped_early and stopper is not None and not hang.hung:
-            outcome.stopped = stopper.decision.as_attrs()
+        decision = next((w.decision for w in spec.watchers if w.decision is not None), None)
+        if result.stopped_early and decision is not None and not hang.hung:
+            outcome.stopped = decision.as_attrs()
         if not hang.hung:  # a hung server would keep the scrape waiting for its timeout
             outcome.engine_metrics = engine.engine_metrics(_scrape(server_spec.url, server_spec.api_key))
         outcome.rows_csv, outcome.summary_json = (str(p) for p in write_results(result, trial_dir))
         outcome.summary = result.summary.to_dict()
         if not result.stopped_early:
             for watcher in spec.watchers:
-                if hasattr(watcher, "finish"):
-                    watcher.finish(result.rows, outcome.summary)
+                watcher.finish(result.rows, outcome.summary)
         failed = outcome.summary.get("failed", 0)
         total = failed + outcome.summary.get("completed", 0)
         requests_failed = (total == 0 and not outcome.stopped) or (total and failed / total > MAX_FAILED_FRACTION)
         if requests_failed and not hang.hung:
             _wait_exit(server, EXIT_GRACE_S)  # failed requests and a dying server: a crash, not bad requests
         if not server.alive():
-            raise ServerFailed(FailureClass.CRASH, f"server exited with code {server.process.returncode} "
-                                                   "during the replay")
+            raise ServerFailed(Outcome.CRASH, f"server exited with code {server.process.returncode} "
+                                              "during the replay")
         if hang.hung:
-            raise ServerFailed(FailureClass.HANG, f"no request finished for {spec.hang_timeout_s:.0f} s "
-                                                  "while the server was alive")
+            raise ServerFailed(Outcome.HANG, f"no request finished for {spec.hang_timeout_s:.0f} s "
+                                             "while the server was alive")
         if requests_failed:
-            raise ServerFailed(FailureClass.REQUEST_ERRORS, f"{failed} of {total} requests failed")
+            raise ServerFailed(Outcome.REQUEST_ERRORS, f"{failed} of {total} requests failed")
         outcome.ok = True
     except ServerFailed as exc:
         outcome.failure, outcome.message = exc.failure, exc.message
@@ -198,11 +195,15 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
             outcome.gpu_memory_released = wait_memory_back(memory_before)
         outcome.log_tail = server.log_tail()
         outcome.ended_at = time.time()
-    if not outcome.ok and outcome.failure in (FailureClass.CRASH, FailureClass.REQUEST_ERRORS):
+    if not outcome.ok and outcome.failure in (Outcome.CRASH, Outcome.REQUEST_ERRORS):
         during_load = outcome.ready_s > 0
         classified = engine.classify_failure(exit_code, server.log_text())
-        if classified != FailureClass.CRASH:
+        if classified != Outcome.CRASH:
             outcome.failure = classified
-        if during_load and outcome.failure == FailureClass.OOM_STARTUP:
-            outcome.failure = FailureClass.OOM_LOAD
+        if classified == Outcome.ENVIRONMENT:
+            module = missing_module(server.log_text())
+            outcome.message = (f"the engine's Python cannot import {module or 'a module'} (an incomplete install, "
+                               f"not the configuration): {outcome.message}")
+        if during_load and outcome.failure == Outcome.OOM_STARTUP:
+            outcome.failure = Outcome.OOM_LOAD
     return outcome

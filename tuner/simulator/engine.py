@@ -81,7 +81,7 @@ class StepOutput:
     produced: list[tuple[EngineRequest, int]]  # (request, new tokens); request.finished says if it ended
 
 
-class Engine:
+class SimScheduler:
     """One replica. Not thread-safe; the server drives it from one asyncio task."""
 
     def __init__(self, config: SimConfig, perf: PerfModel | None = None, replica: int = 0) -> None:
@@ -344,7 +344,7 @@ class SimArrival:
 
 
 @dataclass(frozen=True)
-class RequestResult:
+class SimRequestResult:
     arrival_s: float
     start_s: float  # when it was sent (later than arrival under a concurrency limit)
     first_token_s: float
@@ -365,7 +365,7 @@ class RequestResult:
 
 @dataclass(frozen=True)
 class SimReport:
-    results: list[RequestResult]
+    results: list[SimRequestResult]
     duration_s: float
     stats: EngineStats
     memory: MemoryPlan
@@ -388,11 +388,11 @@ def simulate(config: SimConfig, arrivals: Iterable[SimArrival], max_concurrency:
     With `max_concurrency`, a request is sent only when fewer than that many are in flight, like
     `vllm bench serve --max-concurrency`; TTFT and e2e then count from when it was sent.
     """
-    engine = Engine(config)
+    engine = SimScheduler(config)
     queue = deque(sorted(arrivals, key=lambda a: a.arrival_s))
     limit = max_concurrency or math.inf
     sent_at: dict[str, float] = {}
-    results: list[RequestResult] = []
+    results: list[SimRequestResult] = []
     start = queue[0].arrival_s if queue else 0.0
     engine.advance_to(start)
     while queue or engine.has_unfinished():
@@ -408,7 +408,7 @@ def simulate(config: SimConfig, arrivals: Iterable[SimArrival], max_concurrency:
         for request, _ in output.produced:
             if request.finished:
                 arrival = request.user_data
-                results.append(RequestResult(arrival.arrival_s, sent_at.pop(request.request_id),
+                results.append(SimRequestResult(arrival.arrival_s, sent_at.pop(request.request_id),
                                              request.first_token_time, request.finish_time, request.prompt_len,
                                              request.num_output, request.cached_tokens, request.num_preemptions))
     return SimReport(results, engine.now - start, engine.stats, engine.memory)

@@ -1,6 +1,6 @@
 """The simulated engine behind a real OpenAI-compatible HTTP server (aiohttp), paced to wall-clock.
 
-Each data-parallel replica runs its `Engine` in one asyncio task: step in simulated time, then sleep
+Each data-parallel replica runs its `SimScheduler` in one asyncio task: step in simulated time, then sleep
 until wall = ready_time + simulated_time / time_scale (never accumulating drift; no sleep when
 behind), then hand the step's tokens to the waiting response streams. When the process cannot keep
 up, streams receive several steps' tokens in one chunk and `sim:clock_lag_seconds` says by how much.
@@ -23,7 +23,7 @@ from aiohttp import web
 
 from tuner import __version__
 from tuner.simulator.config import EngineStartupError, SimConfig, check_engine_config
-from tuner.simulator.engine import Engine, EngineRequest
+from tuner.simulator.engine import EngineRequest, SimScheduler
 
 BANNER = "SIMULATED ENGINE (servetune performance model, not a GPU)"
 OWNER = "servetune-simulator"
@@ -89,7 +89,7 @@ class SimClock:
 class Replica:
     """One data-parallel engine and the task that paces it."""
 
-    def __init__(self, index: int, engine: Engine, clock: SimClock) -> None:
+    def __init__(self, index: int, engine: SimScheduler, clock: SimClock) -> None:
         self.index = index
         self.engine = engine
         self.clock = clock
@@ -165,7 +165,7 @@ class SimServer:
     def build_engines(self) -> None:
         """Raises `EngineStartupError` with vLLM's message when this configuration cannot run."""
         check_engine_config(self.config)
-        engines = [Engine(self.config, replica=index) for index in range(self.config.data_parallel_size)]
+        engines = [SimScheduler(self.config, replica=index) for index in range(self.config.data_parallel_size)]
         self.clock = SimClock(self.config.time_scale)
         self.replicas = [Replica(index, engine, self.clock) for index, engine in enumerate(engines)]
 

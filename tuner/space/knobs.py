@@ -12,9 +12,12 @@ from tuner.errors import InputError
 from tuner.yamlfile import read_yaml
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+_SPACE_FILES: dict[str, Path] = {}  # engine -> its YAML, where not SPACES_DIR/<engine>.yaml
 KNOB_TYPES = ("int", "float", "categorical", "bool")
 _KNOB_FIELDS = {"type", "choices", "low", "high", "log", "step", "default", "group", "when", "doc",
-                "flag", "flag_off", "omit", "json_flag", "json_key", "value_from", "option", "option_off"}
+                "flag", "flag_off", "omit", "json_flag", "json_key", "value_from", "option", "option_off",
+                "moe_only", "needs", "changes_outputs"}
+OUTPUT_CHANGING = "output-changing"  # `--exclude output-changing`: only settings that keep the model's outputs
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,15 @@ class Knob:
     option_off: str | None = None  # a false bool sets this options-file section to null
     doc: str = ""
     engine_default: Any = None  # the engine's own default, kept when --fix moves `default`
+    moe_only: bool = False  # applies to mixture-of-experts models only (tuner.space.fit.fit_to_model)
+    needs: tuple[tuple[Any, tuple[str, ...]], ...] = ()  # (choice, Python modules it imports): preflight
+    # settings that change the model's outputs: True for every value but the engine's default, or those values
+    changes_outputs: bool | tuple[Any, ...] = False
+
+    def changes_output(self, value: Any) -> bool:
+        if self.changes_outputs is True:
+            return str(value) != str(self.engine_default)
+        return bool(self.changes_outputs) and str(value) in {str(v) for v in self.changes_outputs}
 
     @property
     def fixed_value(self) -> Any:
@@ -105,6 +117,8 @@ class SearchSpace:
     knobs: dict[str, Knob]
     source: str
     notes: list[str] = field(default_factory=list)
+    # (knob, str(value)) -> why it cannot run here: dropped for the rest of a study (tuner.space.fit)
+    unavailable: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def defaults(self) -> dict[str, Any]:
         """The engine's own defaults, for the knobs active under them (trial 0, the baseline)."""
@@ -126,16 +140,30 @@ class SearchSpace:
             self.knobs[name] = replace(self.knobs[name], choices=(value,))
 
     def exclude(self, group_or_knob: str, where: str = "--exclude") -> None:
+        if group_or_knob == OUTPUT_CHANGING:
+            self._keep_outputs()
+            return
         names = [n for n, k in self.knobs.items() if k.group == group_or_knob] or [group_or_knob]
         for name in names:
             knob = self._knob(name, where)
             self.fix(name, knob.default, where)
 
+    def _keep_outputs(self) -> None:
+        """Every output-changing knob held at the values that keep the outputs (the engine's default)."""
+        for name, knob in list(self.knobs.items()):
+            if knob.changes_outputs is True:
+                self.fix(name, knob.engine_default, f"--exclude {OUTPUT_CHANGING}")
+            elif knob.changes_outputs:
+                kept = tuple(c for c in knob.choices if not knob.changes_output(c))
+                self.knobs[name] = replace(knob, choices=kept, type="categorical",
+                                           default=knob.default if knob.default in kept else knob.engine_default)
+
     def _knob(self, name: str, where: str) -> Knob:
         if name not in self.knobs:
             groups = sorted({k.group for k in self.knobs.values() if k.group})
             raise InputError(f"unknown knob or group '{name}' for engine {self.engine} "
-                             f"(knobs: {', '.join(self.knobs)}; groups: {', '.join(groups)})", file=where)
+                             f"(knobs: {', '.join(self.knobs)}; groups: {', '.join(groups)}, {OUTPUT_CHANGING})",
+                             file=where)
         return self.knobs[name]
 
 
@@ -195,6 +223,18 @@ def _check_field_types(spec: dict, path: Path, where: str) -> None:
     default = spec.get("default")
     if not isinstance(default, (str, bool, type(None))) and not _is_number(default):
         raise wrong("default", "a plain value (string, number, boolean)")
+    if spec.get("moe_only") is not None and not isinstance(spec["moe_only"], bool):
+        raise wrong("moe_only", "true or false")
+    needs = spec.get("needs")
+    if needs is not None and not (isinstance(needs, dict) and all(
+            isinstance(modules, list) and modules and all(
+                isinstance(m, str) and all(part.isidentifier() for part in m.split(".")) for m in modules)
+            for modules in needs.values())):
+        raise wrong("needs", "a mapping of choice to a list of Python modules, e.g. {fp8: [compressed_tensors]}")
+    changes = spec.get("changes_outputs")
+    if changes is not None and not isinstance(changes, bool) and not (
+            isinstance(changes, list) and all(isinstance(v, (str, bool)) or _is_number(v) for v in changes)):
+        raise wrong("changes_outputs", "true, false or a list of the values that change the outputs")
 
 
 def _build_knob(name: str, spec: dict, path: Path) -> Knob:
@@ -230,26 +270,39 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
                 flag_off=spec.get("flag_off"), omit=tuple(spec.get("omit") or ()),
                 json_flag=spec.get("json_flag"), json_key=spec.get("json_key"),
                 value_from=spec.get("value_from"), option=spec.get("option"), option_off=spec.get("option_off"),
-                doc=spec.get("doc", ""), engine_default=spec["default"])
+                doc=spec.get("doc", ""), engine_default=spec["default"], moe_only=bool(spec.get("moe_only")),
+                needs=tuple((value, tuple(modules)) for value, modules in (spec.get("needs") or {}).items()),
+                changes_outputs=(spec.get("changes_outputs") if isinstance(spec.get("changes_outputs"), bool)
+                                 else tuple(spec.get("changes_outputs") or ()) or False))
     # the engine's default may lie outside the searched range (trial 0 runs it anyway), not its type
     if kind == "bool" and not isinstance(knob.default, bool):
         raise InputError("default must be true or false", file=str(path), field=f"{where}.default")
     if kind in ("int", "float") and (isinstance(knob.default, bool) or not isinstance(knob.default, (int, float))):
         raise InputError(f"default {knob.default!r} is not a number", file=str(path), field=f"{where}.default")
+    named = [value for value, _ in knob.needs] + list(knob.changes_outputs if isinstance(knob.changes_outputs, tuple)
+                                                       else ())
+    for value in named:  # what `needs` and `changes_outputs` name must be values of the knob
+        if kind in ("categorical", "bool") and str(value) not in {str(c) for c in choices}:
+            raise InputError(f"{value!r} is not one of {list(choices)}", file=str(path), field=where)
     return knob
 
 
+def register_space(engine: str, path: str | Path) -> None:
+    """Where an engine's search space lives when it is not a shipped YAML (an adapter's `space_file`)."""
+    _SPACE_FILES[engine] = Path(path)
+
+
 def load_space(engine_or_path: str) -> SearchSpace:
-    """`vllm`, `sglang`, `trtllm`, `sim` (shipped YAML) or a path to a user's YAML with `engine:` and `extends:`."""
+    """An engine's name (its shipped or registered YAML) or a path to a user's YAML with `engine:` and `extends:`."""
     path = Path(engine_or_path)
     if not path.suffix:
-        path = SPACES_DIR / f"{engine_or_path}.yaml"
+        path = _SPACE_FILES.get(engine_or_path, SPACES_DIR / f"{engine_or_path}.yaml")
         if not path.exists():
             raise InputError(f"no search space for engine '{engine_or_path}'", field="engine")
     data = _read_yaml(path)
     engine = data.get("engine")
     if not isinstance(engine, str):
-        raise InputError("missing 'engine' (vllm, sglang, trtllm, sim)", file=str(path), field="engine")
+        raise InputError("missing 'engine' (the adapter's name)", file=str(path), field="engine")
     merged: dict[str, dict] = {}
     if data.get("extends"):
         if not isinstance(data["extends"], str):

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tuner.loadgen.replay import chain, run_bench_sync
 from tuner.loadgen.slo import SLO
+from tuner.records.capacity import CapacityResult, Probe
 from tuner.study.pruning import SloPruner
 from tuner.workload.request import TraceRequest
 
@@ -40,33 +41,6 @@ def good_fraction(summary: dict[str, Any], total_requests: int) -> float:
     if good is None:
         raise ValueError("the summary has no SLO figures: replay with an SLO")
     return good / total_requests if total_requests else 0.0
-
-
-@dataclass(frozen=True)
-class Probe:
-    rate: float
-    good_fraction: float
-    holds: bool
-
-
-@dataclass
-class CapacityResult:
-    capacity_rps: float | None  # highest rate that held; None when even `low` did not
-    probes: list[Probe] = field(default_factory=list)
-    at_least: bool = False  # `high` itself held: the capacity may be higher
-
-    def as_attrs(self) -> dict[str, Any]:
-        return {"capacity_rps": self.capacity_rps, "at_least": self.at_least,
-                "probes": [[p.rate, p.good_fraction, p.holds] for p in self.probes]}
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> CapacityResult:
-        return cls(attrs["capacity_rps"], [Probe(*probe) for probe in attrs["probes"]], attrs["at_least"])
-
-    def __str__(self) -> str:
-        if self.capacity_rps is None:  # no probe held: below the lowest rate probed
-            return f"below {min(p.rate for p in self.probes):g} req/s"
-        return f"{'>= ' if self.at_least else ''}{self.capacity_rps:.3g} req/s ({len(self.probes)} probes)"
 
 
 def find_capacity(measure: Callable[[float], float], low: float, high: float, tolerance: float = 0.05,

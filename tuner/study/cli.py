@@ -11,9 +11,10 @@ import socket
 import sys
 from pathlib import Path
 
+from tuner.engines import engine_names, get_engine, is_simulated, needs_gpu
 from tuner.errors import InputError
 from tuner.models.shapes import PRESETS, get_shape
-from tuner.study.objectives import Objectives
+from tuner.records.objectives import Objectives
 
 DEFAULT_OUT = Path("servetune-runs")
 
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--model", default=None, help="model path or hub id; for --engine sim, a model shape")
     m.add_argument("--model-shape", default=None, choices=sorted(PRESETS),
                    help="tune a model shape with dummy weights (no download)")
-    m.add_argument("--engine", default="auto", help="vllm, sglang, trtllm, sim, vllm,sglang, or auto (sim without GPU)")
+    m.add_argument("--engine", default="auto", help=f"{', '.join(engine_names())}, a comma-separated list, "
+                   "or auto (the simulator without a GPU)")
     m.add_argument("--gpus", type=int, default=1, help="GPUs to use; logical GPUs for the simulator")
     m.add_argument("--gpu", default=None, help="GPU model for the simulator and constraints (h100, h200, a100...)")
     m.add_argument("--engine-python", default=sys.executable, help="python that has the engine installed")
@@ -60,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--space", default=None, help="your own search-space YAML")
     s.add_argument("--fix", action="append", default=[], help="KNOB=VALUE held fixed (repeat)")
-    s.add_argument("--exclude", action="append", default=[], help="knob or group held at default (repeat)")
+    s.add_argument("--exclude", action="append", default=[],
+                   help="knob or group held at default (repeat); output-changing: only settings that keep the "
+                        "model's outputs (no weight quantization, no fp8 KV cache, no lossy speculation)")
     e = parser.add_argument_group("early stopping and multi-fidelity")
     e.add_argument("--no-prune", action="store_true",
                    help="with --slo: run every trial to its end, even once its SLO is certainly lost")
@@ -143,22 +147,25 @@ def _has_gpu() -> bool:
 
 
 def resolve_engines(text: str) -> list[str]:
+    names = engine_names()
     if text == "auto":
-        return ["vllm"] if _has_gpu() and shutil.which("vllm") else ["sim"]
+        adapters = [get_engine(n) for n in names]
+        real = [a.name for a in adapters if a.auto and shutil.which(a.display_program()[0])] if _has_gpu() else []
+        return real[:1] or [next(a.name for a in adapters if a.simulated)]
     engines = [e.strip() for e in text.split(",") if e.strip()]
     if not engines:
-        raise InputError("name an engine: vllm, sglang, sim, vllm,sglang or auto", field="engine")
+        raise InputError(f"name an engine ({', '.join(names)}), a comma-separated list, or auto", field="engine")
     for engine in engines:
-        if engine not in ("vllm", "sglang", "trtllm", "sim"):
-            raise InputError(f"unknown engine '{engine}' (vllm, sglang, trtllm, sim, auto)", field="engine")
-    if "sim" in engines and len(engines) > 1:
+        if engine not in names:
+            raise InputError(f"unknown engine '{engine}' ({', '.join(names)}, auto)", field="engine")
+    if len(engines) > 1 and any(get_engine(e).simulated for e in engines):
         raise InputError("the simulator is tuned on its own, not beside real engines", field="engine")
     return engines
 
 
 def run(args: argparse.Namespace) -> int:
     from tuner.loadgen.slo import parse_slo
-    from tuner.study.tune import Tuner, TuneOptions
+    from tuner.study.tune import TuneOptions, Tuner
     from tuner.workload.transform import load_workload, trace_digest
 
     engines = resolve_engines(args.engine)
@@ -174,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if objectives is not None and objectives.needs_slo and slo is None:
         raise InputError(f"objective {objectives.primary} needs an SLO: give --slo", field="objective")
     finalists = args.finalists if args.finalists is not None else (
-        2 if slo is not None and engines != ["sim"] else 0)
+        2 if slo is not None and not is_simulated(engines) else 0)
     budget = parse_duration(args.budget) if args.budget else None
     trials = args.trials if args.trials is not None else (None if budget else 12)
     if trials is not None and trials < 1:
@@ -194,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(f"{exc} in {args.engine_arg}", field="engine-arg") from None
     model = args.model
-    if engines == ["sim"]:
+    simulated = is_simulated(engines)
+    if simulated:
         shape = get_shape(args.model_shape or args.model or "llama-3.1-8b")
         model = shape.name
     elif args.model_shape:
@@ -218,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the workload needs {longest} tokens of context; {shape.name} has {shape.max_position} "
                          "(slice the workload or pass --max-model-len)", field="max-model-len")
     gpu = args.gpu
-    if gpu is None and engines != ["sim"]:
+    if gpu is None and needs_gpu(engines):
         from tuner.hardware.inventory import detect
 
         found = detect()
@@ -230,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     study_name = args.study_name or f"{'-'.join(engines)}-{model_label}-{workload.stem}-{args.gpus}gpu"
     options = TuneOptions(
         workload=workload, requests=requests, workload_digest=trace_digest(workload), engines=engines,
-        model=model, shape=shape, gpus=args.gpus, gpu=gpu or ("h100" if engines == ["sim"] else None),
+        model=model, shape=shape, gpus=args.gpus, gpu=gpu or (get_engine(engines[0]).default_gpu if simulated else None),
         trials=trials, budget_s=budget, objectives=objectives, slo=slo, sampler=args.sampler, seed=args.seed,
         study_name=study_name, storage=args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}",
         out_dir=out, mlflow_uri=None if args.no_mlflow else (args.mlflow_uri or
@@ -240,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout,
         engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet,
-        dummy_weights=bool(args.model_shape) and engines != ["sim"],
+        dummy_weights=bool(args.model_shape) and not simulated,
         prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=finalists, repeats=args.repeats,
         capacity=args.capacity, attainment=args.attainment)
     tuner = Tuner(options)

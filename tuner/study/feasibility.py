@@ -26,14 +26,15 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from tuner.engines.base import FailureClass
+
+from tuner.outcome import Outcome
 from tuner.space.knobs import SearchSpace
 
-PREDICTED_INFEASIBLE = "predicted_infeasible"
+PREDICTED_INFEASIBLE = Outcome.PREDICTED_INFEASIBLE
 LAUNCHABLE = "launchable"  # the Optuna constraint name
 # failures the knob vector explains; crashes, hangs, timeouts and request errors may be transient
-CONFIG_FAILURES = frozenset({FailureClass.OOM_STARTUP, FailureClass.OOM_LOAD, FailureClass.UNSUPPORTED,
-                             FailureClass.INVALID_CONFIG})
+CONFIG_FAILURES = frozenset({Outcome.OOM_STARTUP, Outcome.OOM_LOAD, Outcome.UNSUPPORTED,
+                             Outcome.INVALID_CONFIG})
 _HALF_SQRT2 = 1 / math.sqrt(2)
 
 

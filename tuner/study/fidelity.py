@@ -23,12 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuner.loadgen.metrics import summarize, wall_duration_s
+from tuner.loadgen.metrics import RequestResult, summarize, wall_duration_s
+from tuner.loadgen.replay import ProgressSnapshot
 from tuner.loadgen.slo import SLO
+from tuner.outcome import Outcome
 from tuner.study.pruning import PruneDecision, SloPruner
 from tuner.workload.request import TraceRequest
 
-SCREENED_OUT = "screened_out"
+SCREENED_OUT = Outcome.SCREENED_OUT
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)
 # two-sided 95% Student t quantiles by degrees of freedom (scipy is not a dependency)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -130,7 +132,7 @@ class RungWatch:
         self.summaries: list[dict[str, Any]] = []
         self.decision: PruneDecision | None = None
 
-    def __call__(self, snapshot) -> bool:
+    def __call__(self, snapshot: ProgressSnapshot) -> bool:
         if snapshot.total != self.windows[-1]:  # the warm-up's replay, not the trial's
             return False
         rows = snapshot.rows
@@ -159,7 +161,7 @@ class RungWatch:
         self.summaries.append(summary)
         return self.scores[-1]
 
-    def finish(self, rows, summary: dict[str, Any]) -> None:
+    def finish(self, rows: Sequence[RequestResult], summary: dict[str, Any]) -> None:
         """The replay ran to its end: score the rungs it passed between two progress calls (too late to
         stop it), then the whole replay (`summary`) as the last rung."""
         while self.rung < len(self.windows) - 1:
@@ -175,7 +177,7 @@ def stopped_constraints(slo: SLO, pruner: SloPruner | None, watch: RungWatch | N
     sampler still sees how far it was from the SLO: a trial screened out at a rung gets its window's
     own percentiles, one stopped by the pruner `SloPruner.constraint_values` (at least the proven
     lower bound for a lost target)."""
-    from tuner.study.objectives import slo_constraints
+    from tuner.records.objectives import slo_constraints
 
     if watch is not None and watch.decision is not None and not (pruner is not None and pruner.decision):
         return dict(zip((t.name for t in slo.targets), slo_constraints(slo, watch.summaries[-1])))

@@ -21,15 +21,19 @@ each row once. Snapshots of another replay (the warm-up, whose `total` differs) 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from tuner.loadgen.metrics import RequestResult
+from tuner.loadgen.replay import ProgressSnapshot
 from tuner.loadgen.slo import SLO, SloTarget
+from tuner.outcome import Outcome
 
-SLO_LOST = "slo_lost"
-DOMINATED = "dominated"
+SLO_LOST = Outcome.SLO_LOST
+DOMINATED = Outcome.DOMINATED
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,11 @@ class SloPruner:
             return self.decision
         return None
 
-    def __call__(self, snapshot) -> bool:
+    def __call__(self, snapshot: ProgressSnapshot) -> bool:
         return self.check(snapshot) is not None
+
+    def finish(self, rows: Sequence[RequestResult], summary: dict) -> None:
+        """A replay that ran to its end leaves nothing to decide (a ReplayWatcher)."""
 
     def percentile_lower_bound_ms(self, target: SloTarget) -> float | None:
         """The final percentile is at least this: the k-th largest value seen, k = violations needed to lose

@@ -16,8 +16,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner.engines.base import FailureClass
-from tuner.study.records import SCHEMA_VERSION, StudyRecord, TrialRecord, records, save
+from tuner.outcome import Outcome
+from tuner.records.trial import SCHEMA_VERSION, StudyRecord, TrialRecord, records, save
 
 
 class StudySession:
@@ -81,7 +81,7 @@ class StudySession:
         """A proposal never launched (out of time): failed as interrupted, its configuration queued again."""
         trial = self.live[number]
         rec = self.trial_record(number)
-        self.tell_failed(number, FailureClass.INTERRUPTED, "not launched before the budget ran out")
+        self.tell_failed(number, Outcome.INTERRUPTED, "not launched before the budget ran out")
         keep: dict[str, Any] = {"baseline": True} if rec.baseline else {}
         if rec.repeat_of is not None:
             keep["repeat_of"] = rec.repeat_of
@@ -111,4 +111,4 @@ class StudySession:
         not predicted to fail, not interrupted, not lost and queued again."""
         return sum(1 for r in self.records((TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
                    if (r.state != TrialState.PRUNED.name or r.stopped)
-                   and r.failure not in (FailureClass.CONSTRAINT, FailureClass.INTERRUPTED) and not r.requeued)
+                   and r.failure not in (Outcome.CONSTRAINT, Outcome.INTERRUPTED) and not r.requeued)

@@ -16,27 +16,41 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState
 
-from tuner.engines import get_engine
-from tuner.engines.base import FailureClass, Launch
+from tuner.engines import get_engine, is_simulated
+from tuner.engines.base import Launch
 from tuner.errors import InputError
 from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO
+from tuner.metrics import metric
 from tuner.models.shapes import ModelShape
+from tuner.outcome import Outcome
+from tuner.records.objectives import Objectives, default_objectives, slo_constraints
+from tuner.records.pareto import Point, completed_points, pick
+from tuner.records.storage import cluster_notes, open_storage
 from tuner.runner.campaign import Campaign, TrialSpan, gantt_png
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
+from tuner.space.fit import drop_for_study, fit_to_model, preflight, unavailable_in
 from tuner.space.knobs import SearchSpace, load_space
-from tuner.metrics import metric
 from tuner.study.capacity import CapacitySearch
-from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
-from tuner.study.fidelity import RungWatch, SuccessiveHalving, estimates_of, retimed, rung_scores_attr, stopped_constraints
-from tuner.study.objectives import Objectives, default_objectives, slo_constraints
-from tuner.study.pareto import Point, completed_points, pick
+from tuner.study.feasibility import (
+    PREDICTED_INFEASIBLE,
+    FeasibilityModel,
+    observations_from_study,
+    tell_infeasible,
+)
+from tuner.study.fidelity import (
+    RungWatch,
+    SuccessiveHalving,
+    estimates_of,
+    retimed,
+    rung_scores_attr,
+    stopped_constraints,
+)
 from tuner.study.pruning import SloPruner
 from tuner.study.sampling import baseline_params, suggest_config
 from tuner.study.scheduler import MAX_REJECTED_PER_TRIAL, Proposal, Scheduler
 from tuner.study.session import StudySession
-from tuner.study.storage import cluster_notes, open_storage
 from tuner.workload.request import TraceRequest
 
 if TYPE_CHECKING:
@@ -190,6 +204,12 @@ class Tuner:
         self.engine_versions: dict[str, str] = {}
         for engine, space in self.spaces.items():
             self._fit_space_to_installed(engine, space)
+            model = options.shape or options.model
+            for note in (fit_to_model(space, model) if model else []):
+                self.say(f"note: {note}")
+            if not get_engine(engine).simulated:
+                for note in preflight(space, options.engine_python):
+                    self.say(f"note: {note}")
         gpu_spec = get_gpu(options.gpu) if options.gpu else None
         self.context = Context(gpus=options.gpus, gpu=gpu_spec, model=options.shape,
                                max_model_len=options.max_model_len)
@@ -259,6 +279,9 @@ class Tuner:
                 for params in points:
                     study.enqueue_trial(params)
         for knob, value, reason in session.record().excluded:
+            for space in self.spaces.values():
+                if knob in space.knobs:
+                    space.unavailable[(knob, str(value))] = reason
             self.say(f"note: {knob}={value} is out of the space: {reason}")
         return study
 
@@ -298,7 +321,7 @@ class Tuner:
         o = self.options
         launch = Launch(config=config, model=o.model, baseline=baseline, host=o.host, gpu=o.gpu or "h100",
                         time_scale=o.sim_time_scale,
-                        python=sys.executable if engine == "sim" else o.engine_python,
+                        python=sys.executable if get_engine(engine).simulated else o.engine_python,
                         extra_args=tuple(o.engine_args), extra_env=tuple(o.engine_env),
                         max_model_len=o.max_model_len, dummy_weights=o.dummy_weights)
         spec = TrialSpec(number=number, engine=engine, space=self.spaces[engine], launch=launch,
@@ -336,7 +359,7 @@ class Tuner:
         number, session = spec.number, self._session
         self.measured += 1
         if outcome is None:  # the trial raised inside its actor (a lost actor goes through _record_lost)
-            outcome = TrialOutcome(number=number, ok=False, command=[], failure=FailureClass.CRASH,
+            outcome = TrialOutcome(number=number, ok=False, command=[], failure=Outcome.CRASH,
                                    message=f"trial raised in its actor: {error}")
         self.trial_wall.append(outcome.ended_at - outcome.started_at)
         session.save(number, command=outcome.command, wall_s=round(outcome.ended_at - outcome.started_at, 2),
@@ -364,10 +387,10 @@ class Tuner:
             text = shown + (" (misses SLO)" if any(c > 0 for c in constraints) else "") + (
                 f" UNRELIABLE ({'; '.join(unreliable)})" if unreliable else "")
         else:
-            session.tell_failed(number, outcome.failure or FailureClass.CRASH, outcome.message,
+            session.tell_failed(number, outcome.failure or Outcome.CRASH, outcome.message,
                                 log_tail=outcome.log_tail[-4000:])
             text = f"FAILED ({outcome.failure}: {outcome.message})"
-            if str(outcome.failure) == "environment":
+            if outcome.failure == Outcome.ENVIRONMENT:
                 self._exclude_missing_module(spec, outcome.message + "\n" + outcome.log_tail)
         if self.tracker is not None:
             state = "PRUNED" if outcome.stopped else "COMPLETE" if outcome.ok else "FAIL"
@@ -378,31 +401,26 @@ class Tuner:
         self._progress(number, text, total)
 
     def _exclude_missing_module(self, spec: TrialSpec, text: str) -> None:
-        """An engine install that lacks a module: the knob values that need it leave the space for the rest
-        of the study (values whose `needs` name the module; without such a mark, the trial's non-default
-        quantization and attention backend)."""
+        """An engine install that lacks a module: the knob values that need it (`needs:` in the space; without
+        such a mark, the trial's non-default quantization, attention backend or speculative method) are not
+        proposed again in this study, resumed runs included (`StudyRecord.excluded`)."""
         module = missing_module(text)
         if module is None:
             return
         space = self.spaces[spec.engine]
-        pairs = []
-        for name, value in spec.launch.config.items():
-            knob = space.knobs.get(name)
-            needs = getattr(knob, "needs", None) or {}
-            modules = needs.get(value) or needs.get(str(value)) or []
-            if any(module == m or module.startswith(m + ".") or m.startswith(module + ".") for m in modules):
-                pairs.append((name, value))
-        if not pairs:
-            pairs = [(n, v) for n, v in spec.launch.config.items()
-                     if n in ("quantization", "attention_backend", "speculative_method")
-                     and getattr(space.knobs.get(n), "default", None) != v]
-        if not pairs:
-            return
+        drop_for_study(space, spec.launch.config, module)
+        if not unavailable_in(space, spec.launch.config):
+            for name in ("quantization", "attention_backend", "speculative_method"):
+                value = spec.launch.config.get(name)
+                if name in space.knobs and value is not None and str(value) != str(space.knobs[name].engine_default):
+                    space.unavailable[(name, str(value))] = f"the engine's Python cannot import {module}"
         excluded = self._session.record().excluded
-        for name, value in pairs:
-            reason = f"the engine's Python cannot import '{module}' (trial {spec.number})"
-            excluded.append([name, value, reason])
-            self.say(f"note: {name}={value} leaves the space: {reason}")
+        for reason in unavailable_in(space, spec.launch.config):
+            setting, _, why = reason.partition(": ")
+            name, _, value = setting.partition("=")
+            if [name, value] not in [e[:2] for e in excluded]:
+                excluded.append([name, value, f"{why} (trial {spec.number})"])
+                self.say(f"note: {setting} leaves the space: {why}")
         self._session.save_study(excluded=excluded)
 
     def _record_stopped(self, spec: TrialSpec, outcome: TrialOutcome) -> str:
@@ -429,10 +447,10 @@ class Tuner:
     def _tags(self, engine: str) -> dict[str, str]:
         if engine not in self.engine_versions:
             self.engine_versions[engine] = get_engine(engine).version(
-                sys.executable if engine == "sim" else self.options.engine_python)
+                sys.executable if get_engine(engine).simulated else self.options.engine_python)
         return {"engine_version": self.engine_versions[engine], "gpu": self.options.gpu or "unknown",
                 "gpus": str(self.options.gpus), "trace_sha256": self.options.workload_digest,
-                "model": self.options.model, "simulated": str(engine == "sim").lower()}
+                "model": self.options.model, "simulated": str(get_engine(engine).simulated).lower()}
 
     def run(self) -> optuna.Study:
         from tuner.runner.pool import TrialPool, init_ray
@@ -451,7 +469,7 @@ class Tuner:
                                     "slo": str(o.slo) if o.slo else "", "sampler": o.sampler,
                                     "storage": o.storage},
                                    {"trace_sha256": o.workload_digest,
-                                    "simulated": str(o.engines == ["sim"]).lower()})
+                                    "simulated": str(is_simulated(o.engines)).lower()})
         self.halving = SuccessiveHalving.from_study(study, eta=o.eta)
         already = session.finished()
         if o.trials is not None and already >= o.trials:
@@ -471,7 +489,7 @@ class Tuner:
         self.say(f"study '{o.study_name}': {already} trials done, running up to "
                  f"{(o.trials or 0) - already if o.trials else 'unbounded'} more on {pool.total_gpus} GPU(s)"
                  f"{f' of {len(pool.node_gpus)} nodes' if len(pool.node_gpus) > 1 else ''}, "
-                 f"engine(s) {', '.join(o.engines)}{' (SIMULATED)' if o.engines == ['sim'] else ''}; "
+                 f"engine(s) {', '.join(o.engines)}{' (SIMULATED)' if is_simulated(o.engines) else ''}; "
                  f"objective{'s' if len(self.objectives.names) > 1 else ''} {', '.join(self.objectives.names)}")
         self.campaign = Campaign(gpus=pool.total_gpus, started_at=time.time())
 
@@ -517,11 +535,10 @@ class Tuner:
         if not reasons and need > largest_node:
             reasons = [f"TP×PP×DP = {need} GPUs must share one node; the largest node has {largest_node}"]
         if reasons:
-            session.tell_failed(trial.number, FailureClass.CONSTRAINT, "; ".join(reasons))
+            session.tell_failed(trial.number, Outcome.CONSTRAINT, "; ".join(reasons))
             return None
         if not baseline:
-            gone = [f"{knob}={value}: {reason}" for knob, value, reason in session.record().excluded
-                    if knob in config and str(config[knob]) == str(value)]
+            gone = unavailable_in(self.spaces[engine], config)
             if gone:  # tell it as infeasible so that the samplers learn to stay away
                 session.live.pop(trial.number)
                 tell_infeasible(session.study, trial, PREDICTED_INFEASIBLE, "left the space: " + "; ".join(gone))

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import optuna
 
+from tuner.engines import get_engine
 from tuner.errors import InputError
 from tuner.report.results import StudyResult, load_result
-from tuner.study.objectives import THROUGHPUT
-from tuner.study.pareto import completed_points
+from tuner.records.objectives import THROUGHPUT
+from tuner.records.pareto import completed_points
 from tuner.sweep.compare import coefficient_of_variation, learned_threshold
 from tuner.sweep.results import CellResult, RunResults
 from tuner.sweep.spec import Cell, SweepSpec
@@ -32,7 +33,7 @@ def local_gpus() -> list[str]:
 
 def skip_reason(cell: Cell, gpus_here: list[str]) -> str | None:
     """Real engines run on the GPUs of this machine: a cell for other hardware waits for its own runner."""
-    if cell.engine == "sim":
+    if not get_engine(cell.engine).needs_gpu:
         return None
     if not gpus_here:
         return "skipped: no GPU on this machine"
@@ -56,7 +57,8 @@ def tune_options(spec: SweepSpec, cell: Cell, study_name: str, work_dir: Path):
     shape = get_shape(cell.model) if cell.shaped else None
     engine_args = list(spec.engine_args)
     model = cell.model
-    if cell.engine != "sim" and shape is not None:
+    simulated = get_engine(cell.engine).simulated
+    if not simulated and shape is not None:
         from tuner.models.stub import stub_model_dir
 
         model = str(stub_model_dir(shape.name))
@@ -73,7 +75,7 @@ def tune_options(spec: SweepSpec, cell: Cell, study_name: str, work_dir: Path):
         storage=f"sqlite:///{(work_dir / 'optuna.db').resolve()}", out_dir=work_dir, mlflow_uri=mlflow_uri,
         sim_time_scale=spec.sim_time_scale, engine_python=spec.engine_python, engine_args=engine_args,
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len,
-        dummy_weights=cell.engine != "sim" and shape is not None)
+        dummy_weights=not simulated and shape is not None)
 
 
 def measure_defaults_again(options, repeats: int) -> list[dict[str, float | None]]:
@@ -96,7 +98,7 @@ def measure_defaults_again(options, repeats: int) -> list[dict[str, float | None
 
 def cell_result(cell: Cell, result: StudyResult, report: Path, repeats: list) -> CellResult:
     out = CellResult(id=cell.id, study=result.name, model=cell.model, workload=cell.workload.name,
-                     engine=cell.engine, gpu=cell.gpu, gpus=cell.gpus, simulated=cell.engine == "sim",
+                     engine=cell.engine, gpu=cell.gpu, gpus=cell.gpus, simulated=get_engine(cell.engine).simulated,
                      status="ok" if result.points else "no trial completed", trials_completed=len(result.points),
                      trials_failed=len(result.issues), trials_rejected=sum(result.rejected.values()),
                      first_latency=result.first_latency,
@@ -126,7 +128,7 @@ def cell_result(cell: Cell, result: StudyResult, report: Path, repeats: list) ->
 
 def _unmeasured(cell: Cell, status: str) -> CellResult:
     return CellResult(id=cell.id, study="", model=cell.model, workload=cell.workload.name, engine=cell.engine,
-                      gpu=cell.gpu, gpus=cell.gpus, simulated=cell.engine == "sim", status=status)
+                      gpu=cell.gpu, gpus=cell.gpus, simulated=get_engine(cell.engine).simulated, status=status)
 
 
 def run_sweep(spec: SweepSpec, work_dir: Path, repeats: int,
@@ -138,7 +140,7 @@ def run_sweep(spec: SweepSpec, work_dir: Path, repeats: int,
     run_id = run_id_now()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     work_dir.mkdir(parents=True, exist_ok=True)
-    gpus_here = local_gpus() if any(c.engine != "sim" for c in spec.cells) else []
+    gpus_here = local_gpus() if any(get_engine(c.engine).needs_gpu for c in spec.cells) else []
     runnable = [c for c in spec.cells if skip_reason(c, gpus_here) is None]
     if runnable:
         init_ray(None, max(c.gpus for c in runnable))

@@ -25,18 +25,18 @@ from typing import Any
 
 import yaml
 
+from tuner.engines import engine_names, get_engine
 from tuner.errors import InputError
 from tuner.yamlfile import read_yaml
 from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO, parse_slo
 from tuner.models.shapes import get_shape
-from tuner.study.objectives import Objectives
+from tuner.records.objectives import Objectives
 
 TOP_KEYS = {"name", "description", "trials", "slo", "latency", "sim_time_scale", "sampler", "seed",
             "engine_python", "engine_args", "mlflow_uri", "repeats", "noise_threshold", "noise_floor", "matrix"}
 MATRIX_KEYS = {"model_shapes", "models", "workloads", "engines", "gpu", "gpus"}
 WORKLOAD_KEYS = {"path", "name", "rows", "seconds", "time_scale", "format"}
-ENGINES = ("vllm", "sglang", "sim")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 
 
@@ -174,10 +174,11 @@ def load_spec(path: str | Path) -> SweepSpec:
         if key not in MATRIX_KEYS:
             raise where.error(f"unknown key (known: {', '.join(sorted(MATRIX_KEYS))})", f"matrix.{key}")
 
-    engines = [str(e) for e in _list(matrix.get("engines", ["sim"]), "matrix.engines", where)]
+    simulator = next(n for n in engine_names() if get_engine(n).simulated)
+    engines = [str(e) for e in _list(matrix.get("engines", [simulator]), "matrix.engines", where)]
     for i, engine in enumerate(engines):
-        if engine not in ENGINES:
-            raise where.error(f"unknown engine '{engine}' ({', '.join(ENGINES)})", f"matrix.engines[{i}]")
+        if engine not in engine_names():
+            raise where.error(f"unknown engine '{engine}' ({', '.join(engine_names())})", f"matrix.engines[{i}]")
     models: list[tuple[str, bool]] = []
     for i, shape in enumerate(_list(matrix.get("model_shapes", []), "matrix.model_shapes", where)
                               if "model_shapes" in matrix else []):
@@ -186,7 +187,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         except InputError as exc:
             raise where.error(exc.message, f"matrix.model_shapes[{i}]") from None
     if "models" in matrix:
-        if "sim" in engines:
+        if any(get_engine(e).simulated for e in engines):
             raise where.error("the simulator tunes model shapes: use matrix.model_shapes", "matrix.models")
         models += [(str(m), False) for m in _list(matrix["models"], "matrix.models", where)]
     if not models:
@@ -201,7 +202,7 @@ def load_spec(path: str | Path) -> SweepSpec:
             raise where.error(exc.message, f"matrix.gpu[{i}]") from None
     counts = [_number(n, f"matrix.gpus[{i}]", where, int, 1)
               for i, n in enumerate(_list(matrix.get("gpus", [1]), "matrix.gpus", where))]
-    cells = [Cell(model=m, shaped=shaped, workload=w, engine=e, gpu=g if g or e != "sim" else "h100", gpus=n)
+    cells = [Cell(model=m, shaped=shaped, workload=w, engine=e, gpu=g or get_engine(e).default_gpu or None, gpus=n)
              for (m, shaped), w, e, g, n in itertools.product(models, workloads, engines, kinds, counts)]
 
     def parsed(key: str, parse):  # the field's own parser, its error placed in the spec

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuner.study.objectives import THROUGHPUT, Objectives
-from tuner.study.pareto import Point, pareto_front
+from tuner.records.objectives import THROUGHPUT, Objectives
+from tuner.records.pareto import Point, pareto_front
 
 
 def pyplot():

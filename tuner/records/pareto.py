@@ -3,7 +3,7 @@
 The pick ranks by the study's first objective (goodput, per GPU where trials use different numbers of
 GPUs, when the study has an SLO): configurations that meet the SLO first, then reliable measurements,
 then the objective, then the smallest SLO miss. It never comes back empty while a trial completed: with no configuration meeting
-the SLO it is the best of the rest (`tuner.study.recommend` says what it misses). When the trace offers
+the SLO it is the best of the rest (`tuner.records.recommend` says what it misses). When the trace offers
 less load than the servers take (they all finish at the offered rate), objective values within
 `LOAD_BOUND_TIE` of the best are a tie: fewer GPUs, then the lower first latency, win.
 """
@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 
 from tuner.loadgen.slo import parse_slo
 from tuner.metrics import metric
-from tuner.study.objectives import THROUGHPUT, Objectives
-from tuner.study.records import records
+from tuner.records.objectives import THROUGHPUT, Objectives
+from tuner.records.trial import records
 
 LOAD_BOUND_TIE = 0.03  # relative: differences below this are noise when the offered load is the bound
 LOAD_BOUND_FRACTION = 0.9  # completing >= this fraction of the offered rate: bound by the offered load

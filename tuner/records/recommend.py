@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuner.loadgen.slo import SLO
-from tuner.metrics import metric
-from tuner.study.capacity import CapacityResult
-from tuner.study.objectives import Objectives
-from tuner.study.pareto import Point, pick
+from tuner.metrics import METRICS, metric
+from tuner.records.objectives import Objectives
+from tuner.records.pareto import Point, pick
+from tuner.records.capacity import CapacityResult
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ def _missed(slo: SLO | None, point: Point) -> tuple[str, ...]:
     out = []
     for target in slo.targets:
         value = values.get(target.name)
+        if value is None and target.name in METRICS:
+            value = METRICS[target.name].value(point.summary)
         if value is None or value <= target.limit_ms:
             continue
         out.append(f"{target.name} {value:.0f} ms > limit {target.limit_ms:g} ms "

@@ -53,7 +53,7 @@ class TrialRecord:
     # ended early or failed
     rung_scores: list[list[Any]] = field(default_factory=list)
     stopped: dict[str, Any] = field(default_factory=dict)  # kind, reason, finished, elapsed_s, bound...
-    failure: str | None = None  # tuner.engines.base.FailureClass value
+    failure: str | None = None  # a tuner.outcome.Outcome value
     message: str = ""
     log_tail: str = ""
     requeued: bool = False  # lost, and its configuration queued again
