@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from tuner.engines import get_engine
 from tuner.engines.base import FailureClass, Launch
+from tuner.engines.startup_phases import parse_startup
 from tuner.hardware.inventory import used_memory_mib, wait_memory_back
 from tuner.loadgen.replay import BenchConfig, chain, run_bench_sync
 from tuner.loadgen.metrics import write_results
@@ -77,6 +78,7 @@ class TrialOutcome:
     stopped: dict[str, Any] | None = None  # why a watcher stopped the replay early (the trial is pruned)
     watchers: list[Callable] = field(default_factory=list)
     measured: Any = None  # what TrialSpec.measure returned
+    startup_phases: dict[str, float] = field(default_factory=dict)  # seconds per start-up phase (server log)
 
 
 def _scrape(url: str, api_key: str | None) -> str:
@@ -147,8 +149,13 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     visible = [int(i) for i in outcome.cuda_visible_devices.split(",") if i.strip().isdigit()]
     memory_before = used_memory_mib(visible) if spec.engine != "sim" else {}
     try:
+        launched_at = time.time()
         server.start()
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
+        phase_patterns = engine.startup_patterns()
+        if phase_patterns is not None:
+            outcome.startup_phases = parse_startup(server.log_text(), phase_patterns, launched_at,
+                                                   outcome.ready_s).to_dict()
         config = BenchConfig(url=server_spec.url, model=server_spec.served_model_name, endpoint=spec.endpoint,
                              api_key=server_spec.api_key, concurrency=spec.concurrency,
                              max_concurrency=spec.max_concurrency, clock_scale=server_spec.clock_scale,
