@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -156,6 +157,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
         if phase_patterns is not None:
             outcome.startup_phases = parse_startup(server.log_text(), phase_patterns, launched_at,
                                                    outcome.ready_s).to_dict()
+            (trial_dir / "startup_phases.json").write_text(json.dumps(outcome.startup_phases) + "\n")
         config = BenchConfig(url=server_spec.url, model=server_spec.served_model_name, endpoint=spec.endpoint,
                              api_key=server_spec.api_key, concurrency=spec.concurrency,
                              max_concurrency=spec.max_concurrency, clock_scale=server_spec.clock_scale,
