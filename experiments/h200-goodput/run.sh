@@ -4,6 +4,7 @@
 # server's start-up phases. Work and results go to $W (/tmp/run). Stages, one or more per device call:
 #   run.sh study            start the study detached (setsid; log $W/tune.log) and return
 #   run.sh wait SECONDS     follow the study until it ends or SECONDS pass (exit 0: ended, 3: still running)
+#   run.sh stop             interrupt the study (its servers and Ray go with it)
 #   run.sh holdout tuned    the exported command started by hand, the hold-out slice replayed 3 times
 #   run.sh holdout defaults the same with vLLM's defaults
 #   run.sh holdout fp8      vLLM's defaults with --quantization fp8 (REPEATS=1 is enough to show it serves)
@@ -53,6 +54,14 @@ wait_study() {
     sleep 5
   done
   tail -n 60 "$W/tune.log"; echo "STUDY ENDED"
+}
+
+stop_study() {  # SIGINT: tune stops its trials and Ray itself; the process group after 90 s
+  local pid; pid=$(cat "$W/tune.pid")
+  kill -INT "$pid" 2>/dev/null
+  for _ in $(seq 90); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -TERM -- "-$pid" 2>/dev/null
+  sleep 5; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null
 }
 
 # start_server NAME PORT CMD...: detached, its log in $W, wait until /health answers; phases to $W/NAME.phases.json
@@ -110,6 +119,7 @@ holdout() {
 case "${1:-}" in
   study) study ;;
   wait) wait_study "${2:-540}" ;;
+  stop) stop_study ;;
   holdout) holdout "${2:?tuned, defaults or fp8}" ;;
   table) python3 "$here/phases.py" table "$W" | tee "$W/phases.md" ;;
   *) sed -n 2,12p "$0"; exit 2 ;;
