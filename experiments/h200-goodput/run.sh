@@ -48,6 +48,7 @@ study() {
 }
 
 wait_study() {
+  [ -f "$W/tune.pid" ] || { echo "no study started in $W"; return 2; }
   local until=$(( $(date +%s) + ${1:-540} ))
   while kill -0 "$(cat "$W/tune.pid")" 2>/dev/null; do
     if [ "$(date +%s)" -ge "$until" ]; then tail -n 15 "$W/tune.log"; echo "STILL RUNNING"; return 3; fi
@@ -72,8 +73,11 @@ start_server() {
   setsid nohup "$@" --host 127.0.0.1 --port "$port" --served-model-name servetune-model \
     > "$W/$name.server.log" 2>&1 < /dev/null &
   echo $! > "$W/$name.pid"
+  local until=$(( $(date +%s) + 400 ))
   while ! curl -sf "http://127.0.0.1:$port/health" > /dev/null; do
     kill -0 "$(cat "$W/$name.pid")" 2>/dev/null || { echo "$name server DIED"; tail -n 40 "$W/$name.server.log"; return 1; }
+    [ "$(date +%s)" -lt "$until" ] || { echo "$name server not ready after 400 s"; tail -n 20 "$W/$name.server.log"
+                                        stop_server "$name"; return 1; }
     sleep 0.5
   done
   local ready; ready=$(python3 -c "import time; print(round(time.time() - $t0, 2))")

@@ -45,5 +45,6 @@ n=$(ls .gpu/part-* | wc -l); last=$(ls .gpu/part-* | tail -1)
     fi
   done
   echo "## then, in any later call on the same machine: export PYTHONPATH=/tmp/site:\$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1"
+  echo "## the H200 goodput run's calls (the study, hold-out, collect): experiments/h200-goodput/PLAN.md"
 } > .gpu/MANIFEST.txt
 cat .gpu/MANIFEST.txt | grep -v '\.whl$'
