@@ -4,6 +4,7 @@
 # server's start-up phases. Work and results go to $W (/tmp/run). Stages, one or more per device call:
 #   run.sh study            start the study detached (setsid; log $W/tune.log) and return
 #   run.sh wait SECONDS     follow the study until it ends or SECONDS pass (exit 0: ended, 3: still running)
+#   run.sh first SECONDS    wait for the first trial's result (vLLM's defaults) and say if they miss the SLO
 #   run.sh stop             interrupt the study (its servers and Ray go with it)
 #   run.sh holdout tuned    the exported command started by hand, the hold-out slice replayed 3 times
 #   run.sh holdout defaults the same with vLLM's defaults
@@ -14,7 +15,7 @@
 set -u
 W=${W:-/tmp/run}
 ENGINE=${ENGINE:-vllm}
-TS=${TS:-8}  # the trace replayed 8x faster: ~30 req/s, ~28k prompt tok/s, ~8k output tok/s asked of one H200
+TS=${TS:-6}  # the trace replayed 6x faster: ~23 req/s, ~21k prompt and ~6k output tok/s asked of one H200
 TRIALS=${TRIALS:-7}
 BUDGET=${BUDGET:-8m}  # the search; the finalist's 3 repeats come after it
 SLO=${SLO:-ttft_p99=2s,tpot_p99=100ms}
@@ -55,6 +56,17 @@ wait_study() {
     sleep 5
   done
   tail -n 60 "$W/tune.log"; echo "STUDY ENDED"
+}
+
+first_trial() {  # until the first trial (vLLM's defaults) has a result: is the load right for proof 1?
+  local until=$(( $(date +%s) + ${1:-300} ))
+  while ! grep -q '^\[1/' "$W/tune.log" 2>/dev/null && kill -0 "$(cat "$W/tune.pid")" 2>/dev/null; do
+    [ "$(date +%s)" -lt "$until" ] || { tail -n 10 "$W/tune.log"; echo "NO RESULT YET"; return 3; }
+    sleep 5
+  done
+  grep -E '^(study|\[1/)' "$W/tune.log"
+  grep -q '^\[1/.*misses SLO' "$W/tune.log" && { echo "DEFAULTS MISS THE SLO: go on"; return 0; }
+  echo "DEFAULTS MEET THE SLO (or failed): see PLAN.md, more load"; return 4
 }
 
 stop_study() {  # SIGINT: tune stops its trials and Ray itself; the process group after 90 s
@@ -123,6 +135,7 @@ holdout() {
 case "${1:-}" in
   study) study ;;
   wait) wait_study "${2:-540}" ;;
+  first) first_trial "${2:-300}" ;;
   stop) stop_study ;;
   holdout) holdout "${2:?tuned, defaults or fp8}" ;;
   table) python3 "$here/phases.py" table "$W" | tee "$W/phases.md" ;;
