@@ -127,7 +127,8 @@ holdout() {
     python3 -m tuner bench --url "http://127.0.0.1:$port" --workload "$HOLDOUT" --time-scale "$TS" \
       --slo "$SLO" --vocab-size "$VOCAB" --warmup 2 --seed "$k" "${clock[@]}" --out "$W/bench/$which-$k" \
       > "$W/bench-$which-$k.txt" 2>&1
-    tail -n 4 "$W/bench-$which-$k.txt"
+    grep -E "^(Failed requests|Request goodput|Output token throughput|P99 TTFT|P99 TPOT)" "$W/bench-$which-$k.txt" |
+      tr -s ' ' | paste -sd ';' | sed "s/^/$which $k: /"
   done
   stop_server "$which"
 }
@@ -139,5 +140,5 @@ case "${1:-}" in
   stop) stop_study ;;
   holdout) holdout "${2:?tuned, defaults or fp8}" ;;
   table) python3 "$here/phases.py" table "$W" | tee "$W/phases.md" ;;
-  *) sed -n 2,12p "$0"; exit 2 ;;
+  *) sed -n 2,14p "$0"; exit 2 ;;
 esac
