@@ -49,6 +49,8 @@ def test_a_real_cpu_start_up_without_compile_or_graphs_has_only_the_phases_it_pr
 
 def test_engines_without_patterns_and_failed_starts_record_nothing_made_up():
     assert get_engine("sim").startup_patterns() is None
+    assert get_engine("sim").startup_phases("INFO 12-01 20:00:24 [core.py:1] init engine (profile, create kv cache, "
+                                            "warmup model) took 3.00 s", time.time(), 5.0) == {}
     phases = parse_startup("Traceback (most recent call last):\n", get_engine("vllm").startup_patterns(),
                            time.time(), 0.0)
     assert phases.to_dict() == {}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from tuner.engines import get_engine
 from tuner.engines.base import Launch
-from tuner.engines.startup_phases import parse_startup
 from tuner.models.stub import stub_model_dir
 from tuner.space.knobs import load_space
 
@@ -53,7 +52,7 @@ def defaults_argv(engine: str, max_model_len: str, sim_scale: str) -> list[str]:
 
 def one(log: str, launched_at: str, ready_s: str) -> dict[str, float]:
     text = Path(log).read_text(errors="replace")
-    return parse_startup(text, get_engine("vllm").startup_patterns(), float(launched_at), float(ready_s)).to_dict()
+    return get_engine("vllm").startup_phases(text, float(launched_at), float(ready_s))
 
 
 def _cell(value: float | None) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tuner.engines.startup_phases import StartupPatterns
+from tuner.engines.startup_phases import StartupPatterns, parse_startup
 from tuner.errors import InputError
 from tuner.space.flags import render_flags, render_options
 from tuner.space.knobs import SearchSpace
@@ -165,6 +165,11 @@ class Engine(ABC):
     def startup_patterns(self) -> StartupPatterns | None:
         """The log lines that report start-up phases (None: the engine's start-up is not broken down)."""
         return None
+
+    def startup_phases(self, log_text: str, launched_at: float, ready_s: float) -> dict[str, float]:
+        """Seconds per start-up phase of a server launched at `launched_at` (epoch) and ready `ready_s` later."""
+        found = self.startup_patterns()
+        return parse_startup(log_text, found, launched_at, ready_s).to_dict() if found else {}
 
     def clock_scale(self, launch: Launch) -> float:
         """How much faster than the wall clock the server's clock runs (only a simulator's does)."""

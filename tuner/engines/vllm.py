@@ -2,38 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 
-from tuner.engines.base import Engine, FailureClass, Launch, cache_root, patterns
-from tuner.engines.startup_phases import PhasePattern, StartupPatterns
-
-# vLLM 0.26.0's CUDA-graph capture sizes when none are given: [1, 2, 4] + range(8, 256, 8) +
-# range(256, max + 1, 16), max = min(2 * max_num_seqs, 512) (`vllm serve --help=all`).
-_CAPTURE_SIZES = [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]
-# flags that set CUDA graphs or compilation themselves: a trial that has one is left as it is
-_GRAPH_FLAGS = ("--enforce-eager", "--cudagraph-capture-sizes", "--max-cudagraph-capture-size",
-                "--compilation-config", "-cc", "-O", "--optimization-level", "--speculative-config")
-
-
-def _graph_flag(arg: str) -> bool:
-    return any(arg == flag or arg.startswith((flag + "=", flag + ".")) for flag in _GRAPH_FLAGS) or \
-        re.fullmatch(r"-O\d", arg) is not None
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def _seconds(regex: str) -> re.Pattern:
-    return re.compile(regex)
+from tuner.engines.base import Engine, FailureClass, Launch, patterns
 
 
 @dataclass
@@ -80,44 +51,20 @@ class VllmEngine(Engine):
     def help_argv(self, python: str) -> list[str]:
         return [python, "-m", "vllm.entrypoints.cli.main", "serve", "--help=all"]
 
-    def fast_start_args(self, launch: Launch, flags: list[str]) -> list[str]:
-        """Capture CUDA graphs only up to the trial's --max-num-seqs (decode batches are never larger;
-        vLLM's own default goes to twice that): the smallest of vLLM's default sizes that holds it."""
-        if launch.baseline or "--max-num-seqs" not in flags:
-            return []
-        argv = [*flags, *launch.extra_args]
-        if any(_graph_flag(arg) for arg in argv):
-            return []
-        try:
-            seqs = int(_flag_value(argv, "--max-num-seqs") or "")
-        except ValueError:
-            return []
-        cap = next((size for size in _CAPTURE_SIZES if size >= seqs), None)
-        if cap is None or cap >= min(2 * seqs, 512):
-            return []
-        return ["--max-cudagraph-capture-size", str(cap)]
-
-    def startup_patterns(self) -> StartupPatterns:
-        return StartupPatterns(
-            phases=(
-                PhasePattern("model_load", _seconds(r"Model loading took \S+ GiB(?: memory)? and ([\d.]+) s")),
-                PhasePattern("torch_compile", _seconds(r"torch\.compile (?:and initial profiling/warmup run "
-                                                       r"together )?(?:took|takes) ([\d.]+) s in total")),
-                PhasePattern("kv_profile", _seconds(r"init engine \(profile, create kv cache, warmup model\) "
-                                                    r"took ([\d.]+) s"), minus=("torch_compile", "cuda_graphs")),
-                PhasePattern("cuda_graphs", _seconds(r"Graph capturing finished in ([\d.]+) secs")),
-            ),
-            clock=re.compile(r"(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) (\d\d)-(\d\d) (\d\d):(\d\d):(\d\d) \["),
-            initialised=re.compile(r"init engine \(profile, create kv cache, warmup model\) took"),
-        )
-
     def environment(self, launch: Launch) -> dict[str, str]:
-        env = super().environment(launch)
-        # one compile cache (and start-up plan: the KV size a profile found, reused only when model, flags,
-        # GPU and free memory match) for every trial and study on the machine, unless the user chose a place
-        if "VLLM_CACHE_ROOT" not in env and "VLLM_CACHE_ROOT" not in os.environ:
-            env["VLLM_CACHE_ROOT"] = str(cache_root() / "vllm-compile")
-        env.setdefault("VLLM_ENABLE_STARTUP_PLAN", os.environ.get("VLLM_ENABLE_STARTUP_PLAN", "1"))
+        from tuner.engines.vllm_startup import fast_start_env
+
+        env = fast_start_env(super().environment(launch))
         if launch.api_key:
             env["VLLM_API_KEY"] = launch.api_key  # not on argv, where `ps` would show it
         return env
+
+    def fast_start_args(self, launch: Launch, flags: list[str]) -> list[str]:
+        from tuner.engines.vllm_startup import capture_cap_args
+
+        return capture_cap_args(launch, flags)
+
+    def startup_patterns(self):  # the StartupPatterns of vLLM 0.26's log
+        from tuner.engines.vllm_startup import PATTERNS
+
+        return PATTERNS

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from tuner.engines import get_engine
 from tuner.engines.base import FailureClass, Launch
-from tuner.engines.startup_phases import parse_startup
 from tuner.hardware.inventory import used_memory_mib, wait_memory_back
 from tuner.loadgen.replay import BenchConfig, chain, run_bench_sync
 from tuner.loadgen.metrics import write_results
@@ -150,13 +149,10 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     visible = [int(i) for i in outcome.cuda_visible_devices.split(",") if i.strip().isdigit()]
     memory_before = used_memory_mib(visible) if spec.engine != "sim" else {}
     try:
-        launched_at = time.time()
         server.start()
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
-        phase_patterns = engine.startup_patterns()
-        if phase_patterns is not None:
-            outcome.startup_phases = parse_startup(server.log_text(), phase_patterns, launched_at,
-                                                   outcome.ready_s).to_dict()
+        outcome.startup_phases = engine.startup_phases(server.log_text(), server.started_at, outcome.ready_s)
+        if outcome.startup_phases:
             (trial_dir / "startup_phases.json").write_text(json.dumps(outcome.startup_phases) + "\n")
         config = BenchConfig(url=server_spec.url, model=server_spec.served_model_name, endpoint=spec.endpoint,
                              api_key=server_spec.api_key, concurrency=spec.concurrency,
