@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sqlite3
 import statistics
 import sys
 from pathlib import Path
@@ -83,6 +84,12 @@ def table(work: Path) -> str:
                    f"{statistics.mean(r.get('output_throughput') or 0.0 for r in runs):.0f} | "
                    f"{', '.join(_cell(r.get('p99_ttft_ms')) for r in runs)} | "
                    f"{', '.join(_cell(r.get('p99_tpot_ms')) for r in runs)} |")
+    store = work / "runs" / "mlflow.db"
+    if store.exists():  # proof 5: the tuner's own MLflow store, written on this machine
+        with sqlite3.connect(store) as db:
+            runs = db.execute("SELECT count(*) FROM runs").fetchone()[0]
+            names = [row[0] for row in db.execute("SELECT name FROM experiments")]
+        out.append(f"\nMLflow ({store.name}): {runs} runs in experiments {', '.join(names)}")
     return "\n".join(out)
 
 
