@@ -1,6 +1,5 @@
 """vLLM's start-up, for its adapter: the log lines of each start-up phase, and what shortens a start
-without changing how the server serves (a shared compile cache, the start-up plan, CUDA graphs
-captured only up to the batch sizes a trial can reach)."""
+(a shared compile cache, CUDA graphs captured only up to the batch sizes a trial can reach)."""
 
 from __future__ import annotations
 
@@ -66,10 +65,12 @@ def capture_cap_args(launch: Launch, flags: list[str]) -> list[str]:
 
 
 def fast_start_env(env: dict[str, str]) -> dict[str, str]:
-    """One compile cache (and start-up plan: the KV size a profile found, reused only when model, flags,
-    GPU and free memory match) for every trial and study on the machine, unless the user chose a place."""
+    """One compile cache for every trial and study on the machine, unless the user chose a place.
+
+    Not vLLM 0.26's start-up plan (VLLM_ENABLE_STARTUP_PLAN=1, the KV size of an earlier profile reused):
+    its key (`VllmConfig.compute_hash()`) leaves out gpu_memory_utilization and max_num_seqs, so a trial
+    that moves only those would be served with an earlier trial's KV cache."""
     out = dict(env)
     if "VLLM_CACHE_ROOT" not in out and "VLLM_CACHE_ROOT" not in os.environ:
         out["VLLM_CACHE_ROOT"] = str(cache_root() / "vllm-compile")
-    out.setdefault("VLLM_ENABLE_STARTUP_PLAN", os.environ.get("VLLM_ENABLE_STARTUP_PLAN", "1"))
     return out
