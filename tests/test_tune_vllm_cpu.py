@@ -53,3 +53,8 @@ def test_tune_real_vllm_on_cpu(tmp_path, capsys, monkeypatch):
     assert steps_one > 3 * steps_sixteen
     assert sixteen.value("output_throughput") > 1.5 * one.value("output_throughput")
     assert all(p.summary["completed"] == 24 and p.summary["failed"] == 0 for p in points.values())
+    # each server's start-up, read from its own log: eager on CPU, so no compile and no graph capture
+    phases = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("**/startup_phases.json")]
+    assert len(phases) == 3 and all({"import", "kv_profile", "api_up", "ready"} <= set(p) for p in phases)
+    assert not any("torch_compile" in p or "cuda_graphs" in p for p in phases)
+    assert all(0 < p["import"] < p["ready"] for p in phases)

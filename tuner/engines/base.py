@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from tuner.engines.startup_phases import StartupPatterns, parse_startup
 from tuner.errors import InputError
 from tuner.outcome import Outcome
 from tuner.space.flags import render_flags, render_options
@@ -55,6 +56,11 @@ class ServerSpec:
     vocab_size: int = 32000
 
 
+def cache_root() -> Path:
+    """The machine's cache for the tuner and the engines it starts; shared by every study."""
+    return Path(os.environ.get("SERVETUNE_CACHE") or Path.home() / ".cache" / "servetune")
+
+
 @dataclass(frozen=True)
 class OptionsFile:
     """The settings of a trial's `option:` knobs, as the YAML file an engine flag names."""
@@ -65,8 +71,7 @@ class OptionsFile:
 
     def write(self) -> Path:
         """Into the cache, named by content, for the runner's own launch."""
-        root = Path(os.environ.get("SERVETUNE_CACHE") or Path.home() / ".cache" / "servetune")
-        path = root / "options" / f"{hashlib.sha256(self.text.encode()).hexdigest()[:16]}-{self.name}"
+        path = cache_root() / "options" / f"{hashlib.sha256(self.text.encode()).hexdigest()[:16]}-{self.name}"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -168,14 +173,30 @@ class Engine(ABC):
         return OptionsFile(flag=self.options_flag, name=self.options_name,
                            text=yaml.safe_dump(options, sort_keys=False))
 
+    def fast_start_args(self, launch: Launch, flags: list[str]) -> list[str]:
+        """Flags that shorten the start-up of a trial whose knob flags are `flags`, without changing how
+        it serves; in the exported command too, so a hand-started server is the one measured. A
+        defaults baseline gets none (it carries no tuned flag)."""
+        return []
+
+    def startup_patterns(self) -> StartupPatterns | None:
+        """The log lines that report start-up phases (None: the engine's start-up is not broken down)."""
+        return None
+
+    def startup_phases(self, log_text: str, launched_at: float, ready_s: float) -> dict[str, float]:
+        """Seconds per start-up phase of a server launched at `launched_at` (epoch) and ready `ready_s` later."""
+        found = self.startup_patterns()
+        return parse_startup(log_text, found, launched_at, ready_s).to_dict() if found else {}
+
     def clock_scale(self, launch: Launch) -> float:
         """How much faster than the wall clock the server's clock runs (only a simulator's does)."""
         return 1.0
 
     def server_spec(self, launch: Launch, space: SearchSpace, vocab_size: int = 32000) -> ServerSpec:
         options = self.options_file(launch, space)
+        flags = render_flags(space, launch.config, baseline=launch.baseline)
         argv = [*self.program(launch), *self.model_args(launch), *self.connection_args(launch),
-                *render_flags(space, launch.config, baseline=launch.baseline),
+                *flags, *self.fast_start_args(launch, flags),
                 *([options.flag, str(options.write())] if options else []), *launch.extra_args]
         return ServerSpec(argv=argv, env=self.environment(launch), url=f"http://{launch.host}:{launch.port}",
                           served_model_name=launch.served_model_name, api_key=launch.api_key,
@@ -185,8 +206,8 @@ class Engine(ABC):
     def serve_command(self, launch: Launch, space: SearchSpace) -> list[str]:
         """The command a person pastes: no tuner-internal port or key, the engine's own defaults."""
         options = self.options_file(launch, space)
-        return [*self.display_program(), *self.model_args(launch),
-                *render_flags(space, launch.config, baseline=launch.baseline),
+        flags = render_flags(space, launch.config, baseline=launch.baseline)
+        return [*self.display_program(), *self.model_args(launch), *flags, *self.fast_start_args(launch, flags),
                 *([options.flag, options.name] if options else []), *launch.extra_args]
 
     def classify_failure(self, exit_code: int | None, log_tail: str) -> Outcome:

@@ -64,7 +64,19 @@ class VllmEngine(Engine):
         return [python, "-m", "vllm.entrypoints.cli.main", "serve", "--help=all"]
 
     def environment(self, launch: Launch) -> dict[str, str]:
-        env = super().environment(launch)
+        from tuner.engines.vllm_startup import fast_start_env
+
+        env = fast_start_env(super().environment(launch))
         if launch.api_key:
             env["VLLM_API_KEY"] = launch.api_key  # not on argv, where `ps` would show it
         return env
+
+    def fast_start_args(self, launch: Launch, flags: list[str]) -> list[str]:
+        from tuner.engines.vllm_startup import capture_cap_args
+
+        return capture_cap_args(launch, flags)
+
+    def startup_patterns(self):  # the StartupPatterns of vLLM 0.26's log
+        from tuner.engines.vllm_startup import PATTERNS
+
+        return PATTERNS

@@ -57,11 +57,13 @@ class ManagedServer:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.pid_path = log_path.parent / "server.pid"
+        self.started_at = 0.0  # epoch seconds of the launch
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.spec.env}
         parent_pid = os.getpid()
+        self.started_at = time.time()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.spec.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -75,6 +76,7 @@ class TrialOutcome:
     stopped: dict[str, Any] | None = None  # why a watcher stopped the replay early (the trial is pruned)
     watchers: list[ReplayWatcher] = field(default_factory=list)
     measured: Any = None  # what TrialSpec.measure returned
+    startup_phases: dict[str, float] = field(default_factory=dict)  # seconds per start-up phase (server log)
 
 
 def _scrape(url: str, api_key: str | None) -> str:
@@ -147,6 +149,9 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     try:
         server.start()
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
+        outcome.startup_phases = engine.startup_phases(server.log_text(), server.started_at, outcome.ready_s)
+        if outcome.startup_phases:
+            (trial_dir / "startup_phases.json").write_text(json.dumps(outcome.startup_phases) + "\n")
         config = BenchConfig(url=server_spec.url, model=server_spec.served_model_name, endpoint=spec.endpoint,
                              api_key=server_spec.api_key, concurrency=spec.concurrency,
                              max_concurrency=spec.max_concurrency, clock_scale=server_spec.clock_scale,

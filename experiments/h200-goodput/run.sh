@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# ON THE H200 (no network), in the project root, after .gpu/install.sh: "tuning pays" (issue #18, proof 1)
+# with the product's own `tune` on real vLLM 0.26.0, an MLflow store on the machine (proof 5) and each
+# server's start-up phases. Work and results go to $W (/tmp/run). Stages, one or more per device call:
+#   run.sh study            start the study detached (setsid; log $W/tune.log) and return
+#   run.sh wait SECONDS     follow the study until it ends or SECONDS pass (exit 0: ended, 3: still running)
+#   run.sh first SECONDS    wait for the first trial's result (vLLM's defaults) and say if they miss the SLO
+#   run.sh stop             interrupt the study (its servers and Ray go with it)
+#   run.sh holdout tuned    the exported command started by hand, the hold-out slice replayed 3 times
+#   run.sh holdout defaults the same with vLLM's defaults
+#   run.sh holdout fp8      vLLM's defaults with --quantization fp8 (REPEATS=1 is enough to show it serves)
+#   run.sh table            start-up phases of every server, and the hold-out goodput, as markdown
+# ENGINE=sim runs the same logic on the simulator (CPU dry run); TS, TRIALS, BUDGET, SLO override the plan;
+# EXPORTED=FILE: hold out this shell line instead of `tune export`'s choice.
+set -u
+W=${W:-/tmp/run}
+ENGINE=${ENGINE:-vllm}
+TS=${TS:-6}  # the trace replayed 6x faster: ~23 req/s, ~21k prompt and ~6k output tok/s asked of one H200
+TRIALS=${TRIALS:-7}
+BUDGET=${BUDGET:-8m}  # the search; the finalist's 3 repeats come after it
+SLO=${SLO:-ttft_p99=2s,tpot_p99=100ms}
+STUDY=${STUDY:-h200-goodput}
+TRAIN=workloads/azure_conv_rows0-399.jsonl
+HOLDOUT=workloads/azure_conv_rows17000-17349.jsonl
+MAXLEN=6144  # both slices fit (longest request 4,176 and 5,346 tokens)
+VOCAB=128256  # the 8B stub's vocabulary: prompt token ids are drawn below it
+here=$(cd "$(dirname "$0")" && pwd)
+
+export PYTHONPATH=${SITE:-/tmp/site}:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# the hand-started servers share the study's compile cache (tuner/engines/vllm_startup.py)
+export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$HOME/.cache/servetune/vllm-compile}
+mkdir -p "$W"
+if [ "$ENGINE" = sim ]; then
+  ENGINE_FLAGS=(--engine sim --gpu h200 --model-shape llama-3.1-8b --sim-time-scale "${SIM_SCALE:-10}")
+else
+  ENGINE_FLAGS=(--engine vllm --engine-python python3 --model-shape llama-3.1-8b --gpus 1
+                --engine-env VLLM_USE_FLASHINFER_SAMPLER=0 --startup-timeout 400)
+fi
+
+study() {
+  [ -f "$W/tune.pid" ] && kill -0 "$(cat "$W/tune.pid")" 2>/dev/null && { echo "study already running"; return 0; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$W/gpu.txt" 2>&1
+  python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" > "$W/versions.txt" 2>&1
+  setsid nohup python3 -m tuner run --workload "$TRAIN" --time-scale "$TS" --max-model-len "$MAXLEN" \
+    "${ENGINE_FLAGS[@]}" --slo "$SLO" --trials "$TRIALS" --budget "$BUDGET" --finalists 1 --repeats 3 \
+    --seed 18 --study-name "$STUDY" --out "$W/runs" > "$W/tune.log" 2>&1 < /dev/null &
+  echo $! > "$W/tune.pid"
+  echo "study started (pid $(cat "$W/tune.pid")), log $W/tune.log"
+}
+
+wait_study() {
+  [ -f "$W/tune.pid" ] || { echo "no study started in $W"; return 2; }
+  local until=$(( $(date +%s) + ${1:-540} ))
+  while kill -0 "$(cat "$W/tune.pid")" 2>/dev/null; do
+    if [ "$(date +%s)" -ge "$until" ]; then tail -n 15 "$W/tune.log"; echo "STILL RUNNING"; return 3; fi
+    sleep 5
+  done
+  tail -n 60 "$W/tune.log"; echo "STUDY ENDED"
+}
+
+first_trial() {  # until the first trial (vLLM's defaults) has a result: is the load right for proof 1?
+  local until=$(( $(date +%s) + ${1:-300} ))
+  while ! grep -q '^\[1/' "$W/tune.log" 2>/dev/null && kill -0 "$(cat "$W/tune.pid")" 2>/dev/null; do
+    [ "$(date +%s)" -lt "$until" ] || { tail -n 10 "$W/tune.log"; echo "NO RESULT YET"; return 3; }
+    sleep 5
+  done
+  grep -E '^(study|\[1/)' "$W/tune.log"
+  grep -q '^\[1/.*misses SLO' "$W/tune.log" && { echo "DEFAULTS MISS THE SLO: go on"; return 0; }
+  echo "DEFAULTS MEET THE SLO (or failed): see PLAN.md, more load"; return 4
+}
+
+stop_study() {  # SIGINT: tune stops its trials and Ray itself; the process group after 90 s
+  local pid; pid=$(cat "$W/tune.pid")
+  kill -INT "$pid" 2>/dev/null
+  for _ in $(seq 90); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -TERM -- "-$pid" 2>/dev/null
+  sleep 5; nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null
+}
+
+# start_server NAME PORT CMD...: detached, its log in $W, wait until /health answers; phases to $W/NAME.phases.json
+start_server() {
+  local name=$1 port=$2; shift 2
+  echo "$*" > "$W/$name.cmd"
+  local t0; t0=$(date +%s.%N)
+  setsid nohup "$@" --host 127.0.0.1 --port "$port" --served-model-name servetune-model \
+    > "$W/$name.server.log" 2>&1 < /dev/null &
+  echo $! > "$W/$name.pid"
+  local until=$(( $(date +%s) + 400 ))
+  while ! curl -sf "http://127.0.0.1:$port/health" > /dev/null; do
+    kill -0 "$(cat "$W/$name.pid")" 2>/dev/null || { echo "$name server DIED"; tail -n 40 "$W/$name.server.log"; return 1; }
+    [ "$(date +%s)" -lt "$until" ] || { echo "$name server not ready after 400 s"; tail -n 20 "$W/$name.server.log"
+                                        stop_server "$name"; return 1; }
+    sleep 0.5
+  done
+  local ready; ready=$(python3 -c "import time; print(round(time.time() - $t0, 2))")
+  python3 "$here/phases.py" one "$W/$name.server.log" "$t0" "$ready" > "$W/$name.phases.json"
+  echo "$name ready after $ready s: $(cat "$W/$name.phases.json")"
+}
+
+stop_server() {  # by the process group this script started, never by name
+  local pid; pid=$(cat "$W/$1.pid")
+  kill -TERM -- "-$pid" 2>/dev/null
+  for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null
+  sleep 3  # the GPU memory back before the next server
+}
+
+holdout() {
+  local which=$1 port=8200 cmd=()
+  local storage="sqlite:///$W/runs/optuna.db"
+  if [ "$which" = tuned ]; then
+    if [ -n "${EXPORTED:-}" ]; then cp "$EXPORTED" "$W/exported.txt"  # a command chosen by hand
+    else python3 -m tuner export --study "$STUDY" --storage "$storage" --slo "$SLO" > "$W/exported.txt" ||
+      python3 -m tuner export --study "$STUDY" --storage "$storage" > "$W/exported.txt" || return 1
+    fi
+    cat "$W/exported.txt"
+    mapfile -t cmd < <(python3 "$here/phases.py" runnable "$W/exported.txt")
+  else
+    mapfile -t cmd < <(python3 "$here/phases.py" defaults "$ENGINE" "$MAXLEN" "${SIM_SCALE:-10}")
+    port=8201
+    [ "$which" = fp8 ] && { cmd+=(--quantization fp8); port=8202; }  # proof 2: fp8 weights start and serve
+  fi
+  [ "${#cmd[@]}" -gt 2 ] || { echo "no command to start (see $W/exported.txt)"; return 1; }
+  start_server "$which" "$port" "${cmd[@]}" || return 1
+  local clock=(); [ "$ENGINE" = sim ] && clock=(--clock-scale "${SIM_SCALE:-10}")
+  for k in $(seq "${REPEATS:-3}"); do
+    python3 -m tuner bench --url "http://127.0.0.1:$port" --workload "$HOLDOUT" --time-scale "$TS" \
+      --slo "$SLO" --vocab-size "$VOCAB" --warmup 2 --seed "$k" "${clock[@]}" --out "$W/bench/$which-$k" \
+      > "$W/bench-$which-$k.txt" 2>&1
+    grep -E "^(Failed requests|Request goodput|Output token throughput|P99 TTFT|P99 TPOT)" "$W/bench-$which-$k.txt" |
+      tr -s ' ' | paste -sd ';' | sed "s/^/$which $k: /"
+  done
+  stop_server "$which"
+}
+
+case "${1:-}" in
+  study) study ;;
+  wait) wait_study "${2:-540}" ;;
+  first) first_trial "${2:-300}" ;;
+  stop) stop_study ;;
+  holdout) holdout "${2:?tuned, defaults or fp8}" ;;
+  table) python3 "$here/phases.py" table "$W" | tee "$W/phases.md" ;;
+  *) sed -n 2,14p "$0"; exit 2 ;;
+esac
