@@ -600,7 +600,7 @@ class Tuner:
         """The best configurations and the defaults measured again, `repeats` times each on fresh servers with
         re-timed arrivals (mean and 95% CI), and with `capacity` the highest rate each best one sustains within
         the SLO. Results go to the study record's `finals` (trial number -> `remeasured`, `capacity`); a rerun
-        does not redo them. Unreliable measurements are neither chosen nor counted."""
+        does not redo them. Unreliable measurements are neither chosen nor counted while reliable ones exist."""
         o, session = self.options, self._session
         count = o.finalists or (3 if o.capacity else 0)
         chosen = self._finalists(count) if count else []
@@ -640,18 +640,20 @@ class Tuner:
                 finals.setdefault(str(spec.number), {})["capacity"] = outcome.measured.as_attrs()
         for number, outcomes in repeats.items():
             kept = [r for r in outcomes if r is not None and r.ok]
-            summaries = [r.summary for r in kept if not unreliable_reasons(r.summary, r.engine_metrics)]
+            summaries = [r.summary for r in kept if not unreliable_reasons(r.summary, r.engine_metrics)] or [
+                r.summary for r in kept]
             if summaries:
                 finals.setdefault(str(number), {})["remeasured"] = {
                     "repeats": len(summaries), "failed": len(outcomes) - len(kept),
-                    "unreliable": len(kept) - len(summaries),
+                    "unreliable": sum(bool(unreliable_reasons(r.summary, r.engine_metrics)) for r in kept),
                     "estimates": {k: {"mean": e.mean, "low": e.low, "high": e.high, "values": list(e.values)}
                                   for k, e in estimates_of(summaries).items()}}
         session.save_study(finals=finals)
 
     def _finalists(self, count: int) -> list[Point]:
         """The `count` best distinct configurations by the study's ranking (`pareto.pick`), and the defaults."""
-        rest = [p for p in completed_points(self._session.study) if not p.unreliable]
+        points = completed_points(self._session.study)
+        rest = [p for p in points if not p.unreliable] or points
         chosen: list[Point] = []
         seen: set[tuple] = set()
         while rest and len(chosen) < count:
