@@ -21,7 +21,7 @@ BUDGET=${BUDGET:-8m}  # the search; the finalist's 3 repeats come after it
 SLO=${SLO:-ttft_p99=2s,tpot_p99=100ms}
 STUDY=${STUDY:-h200-goodput}
 TRAIN=workloads/azure_conv_rows0-399.jsonl
-HOLDOUT=workloads/azure_conv_rows17000-17349.jsonl
+HOLDOUT=${HOLDOUT:-workloads/azure_conv_rows17000-17349.jsonl}
 MAXLEN=6144  # both slices fit (longest request 4,176 and 5,346 tokens)
 VOCAB=128256  # the 8B stub's vocabulary: prompt token ids are drawn below it
 here=$(cd "$(dirname "$0")" && pwd)
