@@ -504,7 +504,10 @@ def waste_table(runs: dict[str, list[Run]], names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, list[Run]], grid_gpu_s: float, grid_best: float, path: Path) -> None:
+def plot(runs: dict[str, list[Run]], grid_gpu_s: float, grid_best: float, path: Path,
+         names: tuple[str, ...] = STRATEGIES, ylabel: str = "best goodput within the SLO found / grid's best",
+         title: str = "") -> None:
+    """Median over seeds of each run's `curve` (GPU-s spent, goodput) against the share of the grid's GPU time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -512,7 +515,7 @@ def plot(runs: dict[str, list[Run]], grid_gpu_s: float, grid_best: float, path: 
 
     fig, ax = plt.subplots(figsize=(8, 5))
     xs = np.geomspace(0.5, 100 * BUDGET_FRACTION, 400)
-    for name in STRATEGIES:
+    for name in names:
         curves = []
         for run in runs[name]:
             spent = np.array([100 * s / grid_gpu_s for s, _ in run.curve])
@@ -525,11 +528,11 @@ def plot(runs: dict[str, list[Run]], grid_gpu_s: float, grid_best: float, path: 
     ticks = [0.5, 1, 2, 5, 10, 25, 50]
     ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
     ax.set_xlabel("simulated GPU time spent, share of measuring the whole grid (log scale)")
-    ax.set_ylabel("best goodput within the SLO found / grid's best")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"Search strategies, SIMULATED {MODEL} on {GPU}, {SLO}")
+    ax.set_title(title or f"Search strategies, SIMULATED {MODEL} on {GPU}, {SLO}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -618,7 +621,8 @@ def main() -> None:
     print(f"\nwrote search_strategies.md, search_strategies.png; total {time.perf_counter() - started:.0f} s")
 
 
-if __name__ == "__main__":
+def run_teed(main_function, path: Path) -> None:
+    """Run `main_function`, its output both on the console and in `path`."""
     buffer = io.StringIO()
 
     class Tee(io.TextIOBase):
@@ -631,5 +635,9 @@ if __name__ == "__main__":
             sys.__stdout__.flush()
 
     with redirect_stdout(Tee()):
-        main()
-    (HERE / "search_strategies.txt").write_text(buffer.getvalue())
+        main_function()
+    path.write_text(buffer.getvalue())
+
+
+if __name__ == "__main__":
+    run_teed(main, HERE / "search_strategies.txt")
