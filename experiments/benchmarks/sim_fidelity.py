@@ -42,7 +42,7 @@ from tuner.workload.transform import load_workload  # noqa: E402
 STORES = {"h100-vllm": {"gpu": "h100", "engine_versions": {"vllm": "0.26.0"}},
           "h100-vllm-finalists": {}, "h200x2-vllm": {}, "h100-sglang": {}}
 HIGHER_IS_BETTER = {"output_throughput": True, "ttft_p99": False, "tpot_p99": False}
-MAX_EVALS = 80
+MAX_EVALS = 60
 
 
 @lru_cache(maxsize=None)

@@ -1,8 +1,9 @@
 """Fit the performance model's constants (`PerfConstants`) to real trials.
 
-Each real trial is replayed in-process with its own configuration and trace slice; Nelder-Mead (in
-log space, so every constant stays positive) minimises the squared log error of the predicted
-throughput and latency statistics against the measured ones. Fits are stored as JSON with the study
+Each real trial is replayed in-process with its own configuration and trace slice; Levenberg-Marquardt
+(in log space, so every constant stays positive; Jacobian by finite differences, the simulator being a
+black box) minimises the weighted squared log error of the predicted throughput and latency
+statistics against the measured ones. Fits are stored as JSON with the study
 and, per (GPU, engine version, model shape), in a cache reused by later studies on the same hardware.
 """
 
@@ -32,8 +33,8 @@ PRIOR = PerfConstants(linear_mfu=0.5, gemm_ramp_tokens=256.0, attention_mfu=0.45
                       step_overhead_s=0.35e-3, fp8_kv_speedup=1.0)
 # Squared log errors weighted per metric: throughput and the percentiles a study optimises count most;
 # means and medians add signal about what drives them.
-WEIGHTS = {"output_throughput": 4.0, "ttft_p99": 1.0, "tpot_p99": 1.0, "ttft_mean": 0.5, "tpot_mean": 0.5,
-           "tpot_median": 0.5}
+WEIGHTS = {"output_throughput": 4.0, "ttft_p99": 1.0, "tpot_p99": 1.0, "ttft_mean": 0.5, "ttft_median": 0.5,
+           "tpot_mean": 0.5, "tpot_median": 0.5}
 
 
 def cache_dir() -> Path:
@@ -86,18 +87,22 @@ def simulate_observation(requests_of: Callable[[Observation], Sequence[TraceRequ
     return run
 
 
-def loss(observations: Sequence[Observation], constants: PerfConstants, predict: Replayer) -> float:
-    total = 0.0
+def residuals(observations: Sequence[Observation], constants: PerfConstants, predict: Replayer) -> np.ndarray:
+    """sqrt(weight) x log(sim / real) per trial and metric; a refused configuration costs 10 per metric."""
+    out = []
     for observation in observations:
         predicted = predict(observation, constants)
-        if predicted is None:
-            total += 100.0
-            continue
         for metric, weight in WEIGHTS.items():
-            real, sim = observation.measured.get(metric), predicted.get(metric)
-            if real and sim and real > 0 and sim > 0:
-                total += weight * math.log(sim / real) ** 2
-    return total / max(1, len(observations))
+            real = observation.measured.get(metric)
+            if not real or real <= 0:
+                continue
+            sim = predicted.get(metric) if predicted else None
+            out.append(math.sqrt(weight) * (math.log(sim / real) if sim and sim > 0 else 10.0))
+    return np.asarray(out)
+
+
+def loss(observations: Sequence[Observation], constants: PerfConstants, predict: Replayer) -> float:
+    return float(np.sum(residuals(observations, constants, predict) ** 2)) / max(1, len(observations))
 
 
 def fit(observations: Sequence[Observation], predict: Replayer, start: PerfConstants = PRIOR,
@@ -106,51 +111,42 @@ def fit(observations: Sequence[Observation], predict: Replayer, start: PerfConst
     served = [o for o in observations if o.measured]
     if not served:
         raise ValueError("calibration needs at least one completed real trial")
+    low = np.log([BOUNDS[name][0] for name in fitted])
+    high = np.log([BOUNDS[name][1] for name in fitted])
 
     def to_constants(x: np.ndarray) -> PerfConstants:
-        values = {}
-        for name, value in zip(fitted, np.exp(x)):
-            low, high = BOUNDS[name]
-            values[name] = float(min(max(value, low), high))
-        return start.with_values(values)
+        return start.with_values({name: float(v) for name, v in zip(fitted, np.exp(np.clip(x, low, high)))})
 
-    x0 = np.log([getattr(start, name) for name in fitted])
-    best_x, best = nelder_mead(lambda x: loss(served, to_constants(x), predict), x0, max_evals=max_evals)
-    return Calibration(served[0].key, to_constants(best_x), best, tuple(o.label for o in served))
+    x0 = np.clip(np.log([getattr(start, name) for name in fitted]), low, high)
+    x = levenberg_marquardt(lambda x: residuals(served, to_constants(x), predict), x0, low, high, max_evals)
+    constants = to_constants(x)
+    return Calibration(served[0].key, constants, loss(served, constants, predict), tuple(o.label for o in served))
 
 
-def nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, step: float = 0.25,
-                max_evals: int = 120, tolerance: float = 1e-5) -> tuple[np.ndarray, float]:
-    """Plain Nelder-Mead (reflect 1, expand 2, contract 0.5, shrink 0.5) from a simplex of `step`."""
-    n = len(x0)
-    simplex = [x0] + [x0 + step * np.eye(n)[i] for i in range(n)]
-    values = [f(x) for x in simplex]
-    evals = n + 1
-    while evals < max_evals:
-        order = np.argsort(values)
-        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
-        if values[-1] - values[0] < tolerance:
+def levenberg_marquardt(f: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, low: np.ndarray,
+                        high: np.ndarray, max_evals: int, step: float = 0.03) -> np.ndarray:
+    """Minimise |f(x)|^2 within [low, high]; forward-difference Jacobian of `step` (log units: 3 %)."""
+    x, r = x0, f(x0)
+    cost, damping, evals = float(r @ r), 1e-2, 1
+    while evals + len(x) + 1 <= max_evals:
+        jacobian = np.empty((len(r), len(x)))
+        for i in range(len(x)):
+            h = step if x[i] + step <= high[i] else -step
+            xi = x.copy()
+            xi[i] += h
+            jacobian[:, i] = (f(xi) - r) / h
+        evals += len(x)
+        gradient, normal = jacobian.T @ r, jacobian.T @ jacobian
+        improved = False
+        while evals < max_evals and damping < 1e6:
+            delta = np.linalg.solve(normal + damping * np.diag(np.diag(normal) + 1e-9), -gradient)
+            candidate = np.clip(x + delta, low, high)
+            rc = f(candidate)
+            evals += 1
+            if float(rc @ rc) < cost:
+                x, r, cost, damping, improved = candidate, rc, float(rc @ rc), damping / 3, True
+                break
+            damping *= 4
+        if not improved or cost < 1e-10:
             break
-        centroid = np.mean(simplex[:-1], axis=0)
-        reflected = centroid + (centroid - simplex[-1])
-        fr = f(reflected)
-        evals += 1
-        if fr < values[0]:
-            expanded = centroid + 2 * (centroid - simplex[-1])
-            fe = f(expanded)
-            evals += 1
-            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
-        elif fr < values[-2]:
-            simplex[-1], values[-1] = reflected, fr
-        else:
-            contracted = centroid + 0.5 * (simplex[-1] - centroid)
-            fc = f(contracted)
-            evals += 1
-            if fc < values[-1]:
-                simplex[-1], values[-1] = contracted, fc
-            else:
-                simplex = [simplex[0]] + [simplex[0] + 0.5 * (x - simplex[0]) for x in simplex[1:]]
-                values = [values[0]] + [f(x) for x in simplex[1:]]
-                evals += n
-    i = int(np.argmin(values))
-    return simplex[i], values[i]
+    return x

@@ -16,6 +16,8 @@ from tuner.simulator.constants import PerfConstants
 from tuner.workload.request import TraceRequest
 from tuner.workload.transform import load_workload
 
+REAL_ENGINES = ("vllm", "sglang")
+SIMULATED_AS = {"sim": "vllm"}  # a `tune sim-serve` trial stands in for vLLM (tests, dry runs)
 CONFIG_FIELDS = {f.name for f in fields(SimConfig) if f.init}
 # How the summary names the metrics a study optimises
 SUMMARY_KEYS = {"output_throughput": "output_throughput", "ttft_p99": "p99_ttft_ms", "tpot_p99": "p99_tpot_ms",
@@ -67,12 +69,15 @@ def measured_of(summary: dict[str, Any]) -> dict[str, float]:
     return {name: float(summary[key]) for name, key in SUMMARY_KEYS.items() if summary.get(key) is not None}
 
 
-def observation_of(trial: FrozenTrial, study_attrs: dict[str, Any], defaults: dict[str, Any]) -> Observation | None:
-    """A completed or failed trial on a real engine; None for anything else (sim, pruned, running)."""
+def observation_of(trial: FrozenTrial, study_attrs: dict[str, Any], defaults: dict[str, Any],
+                   engines: tuple[str, ...] = REAL_ENGINES) -> Observation | None:
+    """A completed or failed trial of one of `engines`; None for anything else (pruned, running...).
+
+    `defaults` fill what the study does not record; its `shape` names the model shape outright."""
     attrs = {**defaults, **study_attrs}
     engine = trial.user_attrs.get("engine")
-    shape = shape_of(str(attrs.get("model", "")))
-    if engine not in ("vllm", "sglang") or shape is None or "config" not in trial.user_attrs:
+    shape = defaults.get("shape") or shape_of(str(attrs.get("model", "")))
+    if engine not in engines or shape is None or "config" not in trial.user_attrs:
         return None
     if trial.state == TrialState.COMPLETE:
         summary = trial.user_attrs.get("summary") or {}
@@ -82,16 +87,18 @@ def observation_of(trial: FrozenTrial, study_attrs: dict[str, Any], defaults: di
     else:
         return None
     version = (attrs.get("engine_versions") or {}).get(engine, "unknown")
-    return Observation(label=f"{attrs.get('study', '?')}#{trial.number}", engine=engine, version=version,
+    return Observation(label=f"{attrs.get('study', '?')}#{trial.number}", engine=SIMULATED_AS.get(engine, engine),
+                       version=version,
                        gpu=str(attrs.get("gpu", "h100")), model_shape=shape, config=dict(trial.user_attrs["config"]),
                        workload=str(attrs.get("workload", "")), rows=rows,
                        max_model_len=max_model_len_of(list(trial.user_attrs.get("command") or [])),
                        measured=measured, failure=failure)
 
 
-def observations_from_study(study: optuna.Study, defaults: dict[str, Any] | None = None) -> list[Observation]:
+def observations_from_study(study: optuna.Study, defaults: dict[str, Any] | None = None,
+                            engines: tuple[str, ...] = REAL_ENGINES) -> list[Observation]:
     attrs = {**study.user_attrs, "study": study.study_name}
-    found = (observation_of(trial, attrs, defaults or {}) for trial in study.get_trials(deepcopy=False))
+    found = (observation_of(trial, attrs, defaults or {}, engines) for trial in study.get_trials(deepcopy=False))
     return [o for o in found if o is not None]
 
 

@@ -32,6 +32,7 @@ from tuner.study.fidelity import (RungWatch, SuccessiveHalving, estimates_of, fi
                                   stopped_constraints)
 from tuner.study.objectives import Objectives, slo_constraints
 from tuner.study.pareto import completed_points, pick
+from tuner.study.prescreen import make_prescreen
 from tuner.study.pruning import SloPruner
 from tuner.study.sampling import baseline_params, suggest_config
 from tuner.study.storage import cluster_notes, open_storage
@@ -94,6 +95,7 @@ class TuneOptions:
     repeats: int = 3  # re-measurements per finalist, each with other arrival times
     capacity: bool = False  # with an SLO: highest request rate each finalist sustains, by bisection
     attainment: float = 0.99  # fraction of requests that must meet the SLO for a rate to hold
+    prescreen: str = "off"  # sim: the calibrated simulator screens proposals (tuner/study/prescreen.py)
 
 
 def build_spaces(options: TuneOptions) -> dict[str, SearchSpace]:
@@ -218,6 +220,7 @@ class Tuner:
         self.halving = SuccessiveHalving(eta=options.eta)
         self.stopped = 0  # trials stopped early this run
         self.saved_gpu_s = 0.0  # replay time that trials stopped early did not run, times their GPUs
+        self.prescreen = make_prescreen(options, self.engine_versions, self.run_dir, self.say)
 
     def _fit_space_to_installed(self, engine: str, space: SearchSpace) -> None:
         from tuner.engines.probe import drop_unsupported, flags_in, probe_help
@@ -503,6 +506,8 @@ class Tuner:
                 tell_infeasible(study, trial, PREDICTED_INFEASIBLE, verdict.reason, verdict.p_fail)
                 self.avoided += 1
                 return None
+        if self.prescreen is not None and not baseline and not self.prescreen.screen(study, trial, engine, config):
+            return None
         return _Proposal(trial.number, engine, config, baseline, need)
 
     def _launch_fitting(self, study: optuna.Study, pending: list[_Proposal], pool: TrialPool) -> None:
