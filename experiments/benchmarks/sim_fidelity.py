@@ -42,7 +42,7 @@ from tuner.workload.transform import load_workload  # noqa: E402
 STORES = {"h100-vllm": {"gpu": "h100", "engine_versions": {"vllm": "0.26.0"}},
           "h100-vllm-finalists": {}, "h200x2-vllm": {}, "h100-sglang": {}}
 HIGHER_IS_BETTER = {"output_throughput": True, "ttft_p99": False, "tpot_p99": False}
-MAX_EVALS = 60
+MAX_EVALS = 36
 
 
 @lru_cache(maxsize=None)
@@ -84,7 +84,15 @@ def training_set(held: str, groups: dict[str, list[Observation]]) -> tuple[list[
 
 def fit_job(job: tuple[str, list[Observation]]) -> tuple[str, Calibration]:
     name, train = job
-    return name, fit(train, predict, start=PRIOR, max_evals=MAX_EVALS)
+    started = time.time()
+    calibration = fit(train, predict, start=PRIOR, max_evals=MAX_EVALS)
+    print(f"fitted on {len(train)} trials in {time.time() - started:.0f} s: loss {calibration.loss:.4f}",
+          file=sys.stderr, flush=True)
+    return name, calibration
+
+
+def training_key(train: list[Observation]) -> str:
+    return ",".join(sorted(o.label for o in train))
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -119,10 +127,12 @@ def main() -> int:
         train, how = training_set(cid, groups)
         jobs[cid] = (train, how)
     full_keys = sorted({g[0].key for g in groups.values()})
-    fit_jobs = [(cid, train) for cid, (train, _) in jobs.items() if train]
-    fit_jobs += [(f"full:{key}", [g[0] for g in groups.values() if g[0].key == key]) for key in full_keys]
+    sets = {f"full:{key}": [g[0] for g in groups.values() if g[0].key == key] for key in full_keys}
+    sets.update({cid: train for cid, (train, _) in jobs.items() if train})
+    unique = {training_key(train): train for train in sets.values()}  # one fit per distinct training set
     with Pool(2) as pool:
-        fits = dict(pool.map(fit_job, fit_jobs))
+        fitted = dict(pool.map(fit_job, list(unique.items())))
+    fits = {name: fitted[training_key(train)] for name, train in sets.items()}
 
     rows = []
     for cid, group in groups.items():
