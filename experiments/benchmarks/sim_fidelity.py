@@ -42,7 +42,7 @@ from tuner.workload.transform import load_workload  # noqa: E402
 STORES = {"h100-vllm": {"gpu": "h100", "engine_versions": {"vllm": "0.26.0"}},
           "h100-vllm-finalists": {}, "h200x2-vllm": {}, "h100-sglang": {}}
 HIGHER_IS_BETTER = {"output_throughput": True, "ttft_p99": False, "tpot_p99": False}
-MAX_EVALS = 36
+MAX_EVALS = 60
 
 
 @lru_cache(maxsize=None)
@@ -127,6 +127,7 @@ def main() -> int:
         train, how = training_set(cid, groups)
         jobs[cid] = (train, how)
     full_keys = sorted({g[0].key for g in groups.values()})
+    full_keys = [key for key in full_keys if sum(g[0].key == key for g in groups.values()) >= 3]
     sets = {f"full:{key}": [g[0] for g in groups.values() if g[0].key == key] for key in full_keys}
     sets.update({cid: train for cid, (train, _) in jobs.items() if train})
     unique = {training_key(train): train for train in sets.values()}  # one fit per distinct training set
