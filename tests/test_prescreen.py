@@ -72,3 +72,17 @@ def test_prescreen_launches_the_promising_refits_and_records_predictions(tmp_pat
     assert len(fitted.trials) >= len(launched) - 1  # fitted on every real result but maybe the last
     assert (tmp_path / "run" / f"calibration-{key}.json").exists()
     assert (tmp_path / "cache" / "servetune" / "calibration" / f"{key}.json").exists()
+
+
+def test_the_defaults_baseline_always_launches_with_its_prediction(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    prescreen = Prescreen(gpu="h100", shape="llama-3.1-8b", engine_versions={"vllm": "0.26.0"}, requests=TRACE,
+                          max_model_len=8192, keep=0.01, warmup=0, say=lambda line: None)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    prescreen.scores = [1e9]  # everything predicted so far beats it by far
+    trial = study.ask()
+    assert prescreen.screen(study, trial, "vllm", {"max_num_seqs": 1, "max_num_batched_tokens": 512}, baseline=True)
+    assert trial.user_attrs["predicted"]["output_throughput"] > 0
+    refused = study.ask()
+    assert not prescreen.screen(study, refused, "vllm", {"attention_backend": "FLEX_ATTENTION", "kv_cache_dtype": "fp8"})
+    assert refused.user_attrs["predicted"]["refused"].startswith("ValueError: Selected backend")

@@ -3,6 +3,8 @@ of the trace and what was measured. Read from any Optuna study `tune` wrote."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.models.shapes import PRESETS
-from tuner.simulator.config import SimConfig
+from tuner.simulator.config import SimConfig, parse_speculative_config
 from tuner.simulator.constants import PerfConstants
 from tuner.workload.request import TraceRequest
 from tuner.workload.transform import load_workload
@@ -42,15 +44,33 @@ class Observation:
     @property
     def key(self) -> str:
         """Calibration key: constants are fitted per (GPU, engine version, model shape)."""
-        return f"{self.gpu}-{self.engine}-{self.version}-{self.model_shape}"
+        return calibration_key(self.gpu, self.engine, self.version, self.model_shape)
 
     def sim_config(self, constants: PerfConstants = PerfConstants()) -> SimConfig:
-        known = {name: value for name, value in self.config.items() if name in CONFIG_FIELDS}
+        known = sim_fields(self.config)
         return SimConfig(model_shape=self.model_shape, gpu=self.gpu, max_model_len=self.max_model_len,
                          engine=self.engine, engine_version=self.version, constants=constants, **known)
 
     def requests(self, root: Path) -> list[TraceRequest]:
         return load_workload(root / self.workload, rows=self.rows)
+
+
+def sim_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's knobs as `SimConfig` fields: the same names, plus the search space's composite knobs
+    (`cuda_graphs`, `speculative_method` with `num_speculative_tokens`); knobs it does not model are left out."""
+    fields_ = {name: value for name, value in config.items() if name in CONFIG_FIELDS}
+    if config.get("cuda_graphs") is False:
+        fields_["enforce_eager"] = True
+    method = config.get("speculative_method")
+    if method and method != "none":
+        spec = {"method": method, "num_speculative_tokens": int(config.get("num_speculative_tokens", 1))}
+        fields_["speculative"] = parse_speculative_config(json.dumps(spec))
+    return fields_
+
+
+def calibration_key(gpu: str, engine: str, version: str, shape: str) -> str:
+    """`gpu-engine-version-shape`, safe as a file name (a version may hold spaces or slashes)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{gpu}-{engine}-{version}-{shape}")
 
 
 def shape_of(model: str) -> str | None:

@@ -25,7 +25,7 @@ from tuner.loadgen.slo import SLO
 from tuner.simulator.calibration import Calibration, fit, load_cached, simulate_observation
 from tuner.simulator.config import EngineStartupError
 from tuner.simulator.constants import PerfConstants
-from tuner.simulator.observations import Observation, observations_from_study
+from tuner.simulator.observations import Observation, calibration_key, observations_from_study
 from tuner.simulator.offline import replay
 from tuner.workload.request import TraceRequest
 
@@ -91,9 +91,14 @@ class Prescreen:
                 return float("-inf")
         return predicted["output_throughput"]
 
-    def screen(self, study: optuna.Study, trial: optuna.Trial, engine: str, config: dict[str, Any]) -> bool:
-        """True: launch. False: told to Optuna as PRUNED, with `prescreened` and `predicted` user attrs."""
+    def screen(self, study: optuna.Study, trial: optuna.Trial, engine: str, config: dict[str, Any],
+               baseline: bool = False) -> bool:
+        """True: launch. False: told to Optuna as PRUNED, with `prescreened` and `predicted` user attrs.
+        The defaults baseline always launches; it gets its prediction too."""
         predicted = self.predict(study, engine, config)
+        if baseline:
+            trial.set_user_attr("predicted", predicted if isinstance(predicted, dict) else {"refused": predicted})
+            return True
         if isinstance(predicted, str):
             reason = f"the simulator refuses to start it: {predicted}"
             trial.set_user_attr("predicted", {"refused": predicted})
@@ -114,7 +119,7 @@ class Prescreen:
         return False
 
     def _key(self, engine: str) -> str:
-        return f"{self.gpu}-{_simulated(engine)}-{self._version(engine)}-{self.shape}"
+        return calibration_key(self.gpu, _simulated(engine), self._version(engine), self.shape)
 
     def _version(self, engine: str) -> str:
         return self.engine_versions.get(engine, "unknown")

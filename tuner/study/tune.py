@@ -506,7 +506,7 @@ class Tuner:
                 tell_infeasible(study, trial, PREDICTED_INFEASIBLE, verdict.reason, verdict.p_fail)
                 self.avoided += 1
                 return None
-        if self.prescreen is not None and not baseline and not self.prescreen.screen(study, trial, engine, config):
+        if self.prescreen is not None and not self.prescreen.screen(study, trial, engine, config, baseline):
             return None
         return _Proposal(trial.number, engine, config, baseline, need)
 
