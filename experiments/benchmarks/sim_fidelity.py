@@ -33,7 +33,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tuner.simulator.calibration import PRIOR, Calibration, fit, simulate_observation  # noqa: E402
-from tuner.simulator.config import EngineStartupError  # noqa: E402
+from tuner.simulator.config import EngineStartupError, check_engine_config  # noqa: E402
 from tuner.simulator.observations import Observation, observations_from_storage  # noqa: E402
 from tuner.simulator.offline import PREDICTED_METRICS  # noqa: E402
 from tuner.workload.transform import load_workload  # noqa: E402
@@ -148,8 +148,6 @@ def main() -> int:
     for o in observations:
         if o.failure:
             try:
-                o.sim_config(PRIOR).resolved()
-                from tuner.simulator.config import check_engine_config
                 check_engine_config(o.sim_config(PRIOR).resolved())
                 refused.append((o.label, o.config, None))
             except EngineStartupError as exc:
