@@ -50,6 +50,7 @@ class TrialRecord:
     constraints: list[float] = field(default_factory=list)  # SLO: percentile - limit (ms), <= 0 met
     unreliable: list[str] = field(default_factory=list)  # why the measurement cannot be trusted
     predicted: dict[str, Any] = field(default_factory=dict)  # what a simulator predicted before it ran
+    prescreened: str = ""  # why the calibrated simulator kept it off the GPUs (never launched)
     # ended early or failed
     rung_scores: list[list[Any]] = field(default_factory=list)
     stopped: dict[str, Any] = field(default_factory=dict)  # kind, reason, finished, elapsed_s, bound...

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from tuner.simulator.config import (ATTENTION_BACKENDS, FAULTS, KV_CACHE_DTYPES, QUANTIZATIONS, SimConfig,
-                                    parse_speculative_config, parse_token_count)
+from tuner.simulator.config import (ATTENTION_BACKENDS, FAULTS, KV_CACHE_DTYPES, QUANTIZATIONS, SIM_ENGINES,
+                                    SimConfig, parse_speculative_config, parse_token_count)
+from tuner.simulator.constants import PerfConstants, load_constants
 
 
 def _token_count(text: str) -> int:
@@ -24,6 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="simulated time runs K times faster than wall-clock (default 1)")
     sim.add_argument("--startup-seconds", type=float, default=20.0, metavar="S",
                      help="simulated load and warm-up time before the port opens (default 20)")
+    sim.add_argument("--sim-engine", choices=SIM_ENGINES, default="vllm",
+                     help="whose scheduler to simulate: vllm (mixed batches) or sglang (prefill first); "
+                          "the flags keep vLLM's names (--max-num-seqs = SGLang's --max-running-requests, "
+                          "--max-num-batched-tokens = its --chunked-prefill-size)")
+    sim.add_argument("--sim-engine-version", default=None, metavar="V",
+                     help="engine version whose unsupported flag combinations to refuse (default: newest known)")
+    sim.add_argument("--calibration", default=None, metavar="JSON",
+                     help="performance-model constants fitted to real trials (servetune calibration JSON)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--sim-acceptance-rate", type=float, default=None, metavar="A",
                      help="speculative-decoding acceptance rate, overriding the per-method table")
@@ -73,7 +82,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, block_size=args.block_size, max_model_len=args.max_model_len,
         time_scale=args.time_scale, startup_seconds=args.startup_seconds, seed=args.seed, fault=args.fault,
-        fault_after_requests=args.fault_after_requests)
+        fault_after_requests=args.fault_after_requests, engine=args.sim_engine,
+        engine_version=args.sim_engine_version,
+        constants=load_constants(args.calibration) if args.calibration else PerfConstants())
 
 
 def run(args: argparse.Namespace) -> int:

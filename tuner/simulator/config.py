@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from tuner.errors import InputError
 from tuner.hardware.gpus import GpuSpec, get_gpu
 from tuner.models.shapes import ModelShape, get_shape
+from tuner.simulator.constants import PerfConstants
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 QUANTIZATIONS = ("none", "fp8", "awq", "gptq")
@@ -22,6 +23,7 @@ ATTENTION_BACKENDS = ("auto", "FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_A
 FAULTS = ("none", "crash-at-start", "oom-under-load", "hang-under-load", "crash-under-load")
 # Draft-token acceptance rate per method on ordinary chat traffic (fixed table; --sim-acceptance-rate overrides).
 SPEC_ACCEPTANCE = {"ngram": 0.35, "eagle": 0.6, "eagle3": 0.7, "draft_model": 0.65}
+SIM_ENGINES = ("vllm", "sglang")
 DEFAULT_CONTEXT_CAP = 32768  # max_model_len default: min(model's max position, this)
 
 
@@ -68,6 +70,9 @@ class SimConfig:
     seed: int = 0
     fault: str = "none"
     fault_after_requests: int = 20
+    engine: str = "vllm"  # the engine whose scheduler is simulated: vllm or sglang
+    engine_version: str | None = None  # for the unsupported-combination table; None: the newest known
+    constants: PerfConstants = PerfConstants()
     shape: ModelShape = field(init=False, repr=False, compare=False)
     gpu_spec: GpuSpec = field(init=False, repr=False, compare=False)
 
@@ -78,6 +83,7 @@ class SimConfig:
         _check_choice(self.quantization, QUANTIZATIONS, "quantization")
         _check_choice(self.attention_backend, ATTENTION_BACKENDS, "attention-backend")
         _check_choice(self.fault, FAULTS, "fault")
+        _check_choice(self.engine, SIM_ENGINES, "sim-engine")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "block_size"):
             _check_positive(getattr(self, name), name)
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -130,6 +136,9 @@ def default_batch_limits(gpu: GpuSpec) -> tuple[int, int]:
 
 def check_engine_config(config: SimConfig) -> None:
     """vLLM's config-time validation, with its messages. `config` must be resolved."""
+    from tuner.simulator.support import check_supported  # support imports SimConfig from here
+
+    check_supported(config)
     shape = config.shape
     if config.max_num_batched_tokens < config.max_num_seqs:
         raise EngineStartupError(

@@ -172,9 +172,16 @@ class SimScheduler:
     # ---- one step -----------------------------------------------------------------------------
 
     def step(self) -> StepOutput:
+        self._take_arrivals()
+        return self._execute(*self._schedule())
+
+    def _take_arrivals(self) -> None:
         arriving = self._arriving
         while arriving and (arriving[0][0] <= self.stats.steps or not self.running):
             self.waiting.append(arriving.popleft()[1])
+
+    def _schedule(self) -> tuple[StepBatch, list[tuple[EngineRequest, int, bool]]]:
+        """vLLM: running requests first (decodes and continuing chunks), then waiting ones, one token budget."""
         budget = self.max_num_batched_tokens
         block_size = self.block_size
         batch = StepBatch()
@@ -218,7 +225,9 @@ class SimScheduler:
 
         if not preempted:
             self._admit(batch, scheduled, budget)
+        return batch, scheduled
 
+    def _execute(self, batch: StepBatch, scheduled: list[tuple[EngineRequest, int, bool]]) -> StepOutput:
         duration = self.perf.step_time(batch)
         self.now += duration
         stats = self.stats
@@ -256,6 +265,7 @@ class SimScheduler:
 
     def _admit(self, batch: StepBatch, scheduled: list[tuple[EngineRequest, int, bool]], budget: int) -> None:
         running, waiting, kv, block_size = self.running, self.waiting, self.kv, self.block_size
+        reserved = sum(self._reserved_blocks(r) for r in running)
         while waiting and budget > 0 and len(running) < self.max_num_seqs:
             request = waiting[0]
             num_tokens = request.num_tokens
@@ -268,7 +278,7 @@ class SimScheduler:
                 break
             tokens = min(tokens, budget)
             need = -(-(computed + tokens) // block_size) - matched
-            if not kv.can_allocate(need, unreferenced):
+            if not kv.can_allocate(need + reserved, unreferenced):
                 break
             waiting.popleft()
             hits = request.block_hashes[:matched]
@@ -284,9 +294,14 @@ class SimScheduler:
                 request.admitted = True
                 request.cached_tokens = computed
             running.append(request)
+            reserved += self._reserved_blocks(request)
             self._add_prefill(batch, computed, tokens, computed + tokens == num_tokens)
             scheduled.append((request, tokens, False))
             budget -= tokens
+
+    def _reserved_blocks(self, request: EngineRequest) -> int:
+        """KV blocks kept free for a running request's future tokens at admission (vLLM keeps none)."""
+        return 0
 
     @staticmethod
     def _add_prefill(batch: StepBatch, context: int, tokens: int, completes: bool) -> None:
@@ -382,13 +397,21 @@ class SimReport:
         return float(np.mean([r.ttft for r in self.results]))
 
 
+def make_engine(config: SimConfig, replica: int = 0) -> SimScheduler:
+    """The engine whose scheduler `config.engine` names."""
+    if config.engine == "sglang":
+        from tuner.simulator.sglang_scheduler import SglangEngine
+        return SglangEngine(config, replica=replica)
+    return SimScheduler(config, replica=replica)
+
+
 def simulate(config: SimConfig, arrivals: Iterable[SimArrival], max_concurrency: int | None = None) -> SimReport:
     """Replay `arrivals` (ignore_eos, exact output lengths) through one engine in simulated time.
 
     With `max_concurrency`, a request is sent only when fewer than that many are in flight, like
     `vllm bench serve --max-concurrency`; TTFT and e2e then count from when it was sent.
     """
-    engine = SimScheduler(config)
+    engine = make_engine(config)
     queue = deque(sorted(arrivals, key=lambda a: a.arrival_s))
     limit = max_concurrency or math.inf
     sent_at: dict[str, float] = {}

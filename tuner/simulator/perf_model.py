@@ -12,18 +12,29 @@ Memory, per GPU (bytes), as vLLM plans it after profiling:
                   kv bytes per token per GPU = 2 x layers/PP x max(1, kv_heads/TP) x head_dim x kv dtype bytes
 Calibrated so llama-3.1-8b on one H100 at 0.92 holds 463,280 tokens (real vLLM 0.26: 463,264).
 
-Step time for a batch of T tokens (decode tokens incl. speculative ones + prefill chunk tokens):
-    linear  = max(2 x active linear params x T / TP / (peak x MFU),  weight bytes touched / TP / (HBM x 0.75))
+Step time for a batch of T tokens (decode tokens incl. speculative ones + prefill chunk tokens); the
+six calibrated constants (`PerfConstants`: mfu, ramp, attention mfu, KV bandwidth, step overhead,
+fp8 KV speedup) in
+brackets:
+    linear  = max(2 x active linear params x T / TP / (peak x [mfu] x ramp(T) x tp_eff),
+                  weight bytes touched / TP / (HBM x 0.75))
+              ramp(T) = T / (T + [ramp]): GEMMs of a few hundred rows leave SMs idle (tiles, waves), so
+              a bigger token budget per step raises throughput; tp_eff = 0.92 per TP doubling (smaller
+              per-GPU GEMMs, all-reduce not overlapped with compute).
               peak is the FP8 rate for --quantization fp8 on FP8 GPUs; MoE reads only the experts the
               batch touches: expert bytes x (1 - (1 - k/E)^T), at half the dense kernels' efficiency
               (5% better with --enable-expert-parallel)
-    attn    = max(4 x layers x heads x head_dim x (query, key) pairs / TP / (bf16 peak x 0.45 x backend),
-                  KV bytes read + written / (HBM x 0.8 x backend))
+    prefill attention = max(4 x layers x heads x head_dim x (query, key) pairs / TP / (bf16 peak x [attention mfu] x backend),
+                            KV bytes of the chunks' context / (HBM x [kv bw] x backend))
+    decode attention  = KV bytes the decodes read / (HBM x [kv bw] x backend), added to the prefill's:
+              in a mixed batch the decodes' KV reads are not hidden under the prefill's compute.
+              fp8 KV divides both attention times by [fp8 kv speedup] (fewer bytes; FlashAttention-3
+              also runs QK/PV on fp8 tensor cores), far from the 2x a byte count alone would say.
     comm    = TP > 1: 2 all-reduces per layer: 10 us + 2(TP-1)/TP x T x hidden x 2 bytes / (link x 0.7)
-    gpu     = (linear + attn + comm) / PP x (1 + 0.1 (PP - 1)) + launches + draft
+    gpu     = (linear + attention + comm) / PP x (1 + 0.1 (PP - 1)) + launches + draft
     launches= eager, or a batch CUDA graphs do not cover: 80 us x layers (40 us for prefill steps,
               which run piecewise graphs)
-    cpu     = 0.35 ms + 2 us x sequences (scheduling, sampling, output processing)
+    cpu     = [step overhead] + 2 us x sequences (scheduling, sampling, output processing)
     step    = max(gpu, cpu) + 0.05 ms with async scheduling (CPU work hidden), gpu + cpu without
     draft   = speculative decoding, per step with D decoding sequences and k draft tokens:
               ngram: 0.1 ms + 3 us x D (CPU);  eagle/eagle3/draft_model: k x (fixed + fraction x linear(D))
@@ -33,16 +44,16 @@ per step are (1 - a^(k+1)) / (1 - a).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tuner.simulator.config import EngineStartupError, SimConfig
 
 GIB = 2**30
-LINEAR_MFU = {"none": 0.5, "fp8": 0.55, "awq": 0.45, "gptq": 0.45}
+# GEMM efficiency relative to bf16 dense (the calibrated `linear_mfu`), per weight format
+QUANT_MFU_RATIO = {"none": 1.0, "fp8": 1.1, "awq": 0.9, "gptq": 0.9}
 WEIGHT_BW_EFFICIENCY = 0.75
-KV_BW_EFFICIENCY = 0.8
-ATTENTION_MFU = 0.45
-BASE_STEP_OVERHEAD_S = 0.35e-3
+TP_EFFICIENCY_PER_DOUBLING = 0.92
 ASYNC_RESIDUAL_S = 0.05e-3
 PER_SEQUENCE_OVERHEAD_S = 2e-6
 EAGER_OVERHEAD_PER_LAYER_S = 80e-6
@@ -146,20 +157,24 @@ class PerfModel:
                                    + embedding_params * 2.0)
         self.active_intermediate = active_intermediate
 
+        k = config.constants
         fp8_compute = config.quantization == "fp8" and gpu.supports_fp8
         peak = gpu.fp8_tflops if fp8_compute else gpu.bf16_tflops
-        self.linear_flops_rate = peak * 1e12 * LINEAR_MFU[config.quantization]
+        tp_eff = TP_EFFICIENCY_PER_DOUBLING ** math.log2(tp)
+        self.linear_flops_rate = peak * 1e12 * k.linear_mfu * QUANT_MFU_RATIO[config.quantization] * tp_eff
+        self.ramp_tokens = k.gemm_ramp_tokens
+        self.step_overhead = k.step_overhead_s
         backend = attention_efficiency(config.attention_backend, gpu.compute_capability)
-        kv_dequant = 0.97 if config.kv_cache_dtype != "auto" else 1.0
-        self.attention_flops_rate = gpu.bf16_tflops * 1e12 * ATTENTION_MFU * backend * kv_dequant
+        fp8_kv = 1.0 if config.kv_cache_dtype == "auto" else k.fp8_kv_speedup
+        self.attention_flops_rate = gpu.bf16_tflops * 1e12 * k.attention_mfu * backend * fp8_kv
         self.weight_bw = gpu.hbm_tb_s * 1e12 * WEIGHT_BW_EFFICIENCY
-        self.kv_bw = gpu.hbm_tb_s * 1e12 * KV_BW_EFFICIENCY * backend
+        self.kv_bw = gpu.hbm_tb_s * 1e12 * k.kv_bw_efficiency * backend * fp8_kv
         self.attention_flops_per_pair = 4 * shape.num_layers * shape.num_heads * d / tp
         kv_heads_per_gpu = max(1.0, shape.num_kv_heads / tp)
         layers_per_stage = shape.num_layers / pp
         self.kv_bytes_per_token_gpu = 2 * layers_per_stage * kv_heads_per_gpu * d * config.kv_bytes_per_element
         # per step the whole model's KV traffic, over TP GPUs working in parallel
-        self.kv_bytes_per_token_step = 2 * shape.num_layers * kv_heads_per_gpu * d * config.kv_bytes_per_element
+        self.kv_bytes_per_token_step = 2 * shape.num_layers * kv_heads_per_gpu * d * 2.0  # priced as bf16; fp8 in kv_bw
         self.hidden = shape.hidden_size
         self.num_layers = shape.num_layers
         self.interconnect_bw = gpu.interconnect_gb_s * 1e9 * INTERCONNECT_EFFICIENCY
@@ -208,7 +223,8 @@ class PerfModel:
         flops = 2.0 * ((self.dense_linear_params + self.expert_params_active) * tokens
                        + self.lm_head_params * sampled_rows) / self.tp
         weight_bytes = (self.dense_bytes + self.expert_bytes * touched + self.lm_head_bytes) / self.tp
-        seconds = max(flops / self.linear_flops_rate, weight_bytes / self.weight_bw)
+        ramp = tokens / (tokens + self.ramp_tokens)
+        seconds = max(flops / (self.linear_flops_rate * ramp), weight_bytes / self.weight_bw)
         if self.expert_params_total:  # fused-MoE kernels reach about half the dense efficiency
             expert_share = self.expert_bytes * touched / (weight_bytes * self.tp)
             seconds *= 1.0 + expert_share * (MOE_SLOWDOWN - 1.0)
@@ -221,10 +237,7 @@ class PerfModel:
         if tokens <= 0:
             return 0.0
         linear = self.linear_time(tokens, batch.sampled_rows)
-        pairs = batch.decode_pairs + batch.prefill_pairs
-        kv_tokens = batch.decode_context + batch.prefill_context + tokens  # read + write
-        attention = max(pairs * self.attention_flops_per_pair / self.attention_flops_rate,
-                        kv_tokens * self.kv_bytes_per_token_step / self.kv_bw)
+        attention = self.prefill_attention_time(batch) + self.decode_attention_time(batch)
         comm = 0.0
         if self.tp > 1:
             ring = 2 * (self.tp - 1) / self.tp * tokens * self.hidden * 2 / self.interconnect_bw
@@ -240,10 +253,25 @@ class PerfModel:
                 else EAGER_OVERHEAD_PER_LAYER_S / 2
             gpu += per_layer * self.num_layers / self.pp
         gpu += self.draft_time(batch)
-        cpu = BASE_STEP_OVERHEAD_S + PER_SEQUENCE_OVERHEAD_S * batch.num_seqs
+        cpu = self.step_overhead + PER_SEQUENCE_OVERHEAD_S * batch.num_seqs
         if self.config.async_scheduling:
             return max(gpu, cpu) + ASYNC_RESIDUAL_S
         return gpu + cpu
+
+    def prefill_attention_time(self, batch: StepBatch) -> float:
+        if not batch.prefill_tokens:
+            return 0.0
+        compute = batch.prefill_pairs * self.attention_flops_per_pair / self.attention_flops_rate
+        memory = (batch.prefill_context + batch.prefill_tokens) * self.kv_bytes_per_token_step / self.kv_bw
+        return max(compute, memory)
+
+    def decode_attention_time(self, batch: StepBatch) -> float:
+        """Decodes read their whole KV once per step: memory-bound, whatever else the batch computes."""
+        if not batch.decode_tokens:
+            return 0.0
+        compute = batch.decode_pairs * self.attention_flops_per_pair / self.attention_flops_rate
+        memory = (batch.decode_context + batch.decode_tokens) * self.kv_bytes_per_token_step / self.kv_bw
+        return max(compute, memory)
 
     def draft_time(self, batch: StepBatch) -> float:
         spec = self.config.speculative

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from tuner import __version__
 from tuner.simulator.config import EngineStartupError, SimConfig, check_engine_config
-from tuner.simulator.engine import EngineRequest, SimScheduler
+from tuner.simulator.engine import EngineRequest, make_engine
 
 BANNER = "SIMULATED ENGINE (servetune performance model, not a GPU)"
 OWNER = "servetune-simulator"
@@ -165,7 +165,7 @@ class SimServer:
     def build_engines(self) -> None:
         """Raises `EngineStartupError` with vLLM's message when this configuration cannot run."""
         check_engine_config(self.config)
-        engines = [SimScheduler(self.config, replica=index) for index in range(self.config.data_parallel_size)]
+        engines = [make_engine(self.config, replica=index) for index in range(self.config.data_parallel_size)]
         self.clock = SimClock(self.config.time_scale)
         self.replicas = [Replica(index, engine, self.clock) for index, engine in enumerate(engines)]
 

@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="successive halving over trace length (rungs at 1/4, 1/2, all of the trace): stop trials "
                         "outside the top 1/eta by goodput (throughput without --slo), and those that cannot beat "
                         "the best goodput")
+    e.add_argument("--prescreen", choices=["off", "sim"], default="off",
+                   help="sim: the simulator, calibrated on this study's real trials, screens proposals; only "
+                        "the most promising half launch")
     e.add_argument("--eta", type=float, default=2.0, help="successive halving keeps the top 1/eta at each rung")
     e.add_argument("--finalists", type=int, default=None,
                    help="after the search, measure the N best configurations and the defaults again on fresh "
@@ -250,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet,
         dummy_weights=bool(args.model_shape) and not simulated,
         prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=finalists, repeats=args.repeats,
-        capacity=args.capacity, attainment=args.attainment)
+        capacity=args.capacity, attainment=args.attainment, prescreen=args.prescreen)
     tuner = Tuner(options)
     if host not in ("127.0.0.1", "localhost"):
         print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "

@@ -47,6 +47,7 @@ from tuner.study.fidelity import (
     rung_scores_attr,
     stopped_constraints,
 )
+from tuner.study.prescreen import make_prescreen
 from tuner.study.pruning import SloPruner
 from tuner.study.sampling import baseline_params, suggest_config
 from tuner.study.scheduler import MAX_REJECTED_PER_TRIAL, Proposal, Scheduler
@@ -101,6 +102,7 @@ class TuneOptions:
     repeats: int = 3  # re-measurements per finalist, each with other arrival times
     capacity: bool = False  # with an SLO: highest request rate each finalist sustains, by bisection
     attainment: float = 0.99  # fraction of requests that must meet the SLO for a rate to hold
+    prescreen: str = "off"  # sim: the calibrated simulator screens proposals (tuner/study/prescreen.py)
 
 
 def build_spaces(options: TuneOptions) -> dict[str, SearchSpace]:
@@ -227,6 +229,7 @@ class Tuner:
         requests = options.requests
         span = requests[-1].arrival_s - requests[0].arrival_s if len(requests) > 1 else 0.0
         self.offered_rate = (len(requests) - 1) / span if span > 0 and options.concurrency is None else 0.0
+        self.prescreen = make_prescreen(options, self.engine_versions, self.run_dir, self.say)
 
     def _fit_space_to_installed(self, engine: str, space: SearchSpace) -> None:
         from tuner.engines.probe import drop_unsupported, flags_in, probe_help
@@ -509,7 +512,8 @@ class Tuner:
             self._finals(pool)
         finally:
             pool.close()
-            never = scheduler.rejected - self.avoided - self.excluded_hits
+            screened = self.prescreen.screened if self.prescreen is not None else 0
+            never = scheduler.rejected - self.avoided - self.excluded_hits - screened
             if never:
                 self.say(f"{never} proposed configuration(s) broke a known constraint and never launched")
             if self.avoided:
@@ -552,6 +556,9 @@ class Tuner:
                 tell_infeasible(session.study, trial, PREDICTED_INFEASIBLE, verdict.reason, verdict.p_fail)
                 self.avoided += 1
                 return None
+        if self.prescreen is not None and not self.prescreen.screen(session.study, trial, engine, config, baseline):
+            session.live.pop(trial.number)
+            return None
         return Proposal(trial.number, engine, config, baseline, need)
 
     def _collect(self, finished: Finished, total: int) -> None:

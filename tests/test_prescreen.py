@@ -1,0 +1,88 @@
+"""`tune --prescreen sim`: the prescreen loop on a real Optuna study, with a stand-in for the GPU
+engine that is the simulator with constants the prescreen does not know."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import optuna
+from optuna.trial import TrialState
+
+from tuner.simulator.config import SimConfig
+from tuner.simulator.constants import PerfConstants
+from tuner.simulator.offline import replay
+from tuner.study.prescreen import Prescreen
+from tuner.workload.request import TraceRequest
+
+# The "real" engine: slower GEMMs and KV reads than the prescreen's starting constants assume.
+TRUE = PerfConstants(linear_mfu=0.4, gemm_ramp_tokens=600.0, attention_mfu=0.5, kv_bw_efficiency=0.5,
+                     step_overhead_s=0.35e-3, fp8_kv_speedup=1.1)
+TRACE = [TraceRequest(0.05 * i, 3000 + 500 * (i % 3), 60 + 10 * (i % 4)) for i in range(12)]
+PROPOSALS = [{"max_num_seqs": 8, "max_num_batched_tokens": 2048}, {"max_num_seqs": 2, "max_num_batched_tokens": 1024},
+             {"max_num_seqs": 32, "max_num_batched_tokens": 8192}, {"max_num_seqs": 1, "max_num_batched_tokens": 512},
+             {"max_num_seqs": 64, "max_num_batched_tokens": 16384},
+             {"max_num_seqs": 32, "max_num_batched_tokens": 4096, "attention_backend": "FLEX_ATTENTION",
+              "kv_cache_dtype": "fp8"},
+             {"max_num_seqs": 2, "max_num_batched_tokens": 768}, {"max_num_seqs": 16, "max_num_batched_tokens": 4096},
+             {"max_num_seqs": 1, "max_num_batched_tokens": 1024}, {"max_num_seqs": 64, "max_num_batched_tokens": 8192}]
+
+
+def real_engine(config: dict) -> dict:
+    summary = replay(SimConfig(constants=TRUE, max_model_len=8192, engine_version="0.26.0", **config), TRACE).summary
+    return asdict(summary)
+
+
+def test_prescreen_launches_the_promising_refits_and_records_predictions(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    said: list[str] = []
+    prescreen = Prescreen(gpu="h100", shape="llama-3.1-8b", engine_versions={"sim": "0.26.0"}, requests=TRACE,
+                          max_model_len=8192, keep=0.5, warmup=3, fit_evals=15, run_dir=tmp_path / "run",
+                          say=said.append)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for config in PROPOSALS:
+        trial = study.ask()
+        trial.set_user_attr("engine", "sim")
+        trial.set_user_attr("config", config)
+        if prescreen.screen(study, trial, "sim", config):
+            summary = real_engine(config)
+            trial.set_user_attr("summary", summary)
+            study.tell(trial, [summary["output_throughput"], summary["p99_ttft_ms"], summary["p99_tpot_ms"]])
+
+    trials = study.get_trials()
+    launched = [t for t in trials if t.state == TrialState.COMPLETE]
+    screened = [t for t in trials if t.state == TrialState.PRUNED]
+    assert [t.number for t in launched[:3]] == [0, 1, 2]  # warm-up: the fit needs real results first
+    assert 3 < len(launched) < len(PROPOSALS) and len(screened) == len(PROPOSALS) - len(launched)
+    assert prescreen.screened == len(screened) and len(said) == len(screened)
+    for trial in screened:
+        assert trial.user_attrs["prescreened"] and trial.user_attrs["predicted"]
+    flex = trials[5]
+    assert flex.state == TrialState.PRUNED
+    assert "FLEX_ATTENTION is not valid for this configuration" in flex.user_attrs["prescreened"]
+    # the configuration that is really best was never screened out
+    best = max(range(len(PROPOSALS)), key=lambda i: real_engine(PROPOSALS[i])["output_throughput"]
+               if i != 5 else 0.0)
+    assert trials[best].state == TrialState.COMPLETE
+    # every real result refits: predictions made after the warm-up are close to what was measured
+    for trial in launched[3:]:
+        predicted, measured = trial.user_attrs["predicted"], trial.user_attrs["summary"]
+        assert abs(predicted["output_throughput"] / measured["output_throughput"] - 1) < 0.1
+    key = "h100-vllm-0.26.0-llama-3.1-8b"
+    fitted = prescreen.calibrations[key]
+    assert len(fitted.trials) >= len(launched) - 1  # fitted on every real result but maybe the last
+    assert (tmp_path / "run" / f"calibration-{key}.json").exists()
+    assert (tmp_path / "cache" / "servetune" / "calibration" / f"{key}.json").exists()
+
+
+def test_the_defaults_baseline_always_launches_with_its_prediction(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    prescreen = Prescreen(gpu="h100", shape="llama-3.1-8b", engine_versions={"vllm": "0.26.0"}, requests=TRACE,
+                          max_model_len=8192, keep=0.01, warmup=0, say=lambda line: None)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    prescreen.scores = [1e9]  # everything predicted so far beats it by far
+    trial = study.ask()
+    assert prescreen.screen(study, trial, "vllm", {"max_num_seqs": 1, "max_num_batched_tokens": 512}, baseline=True)
+    assert trial.user_attrs["predicted"]["output_throughput"] > 0
+    refused = study.ask()
+    assert not prescreen.screen(study, refused, "vllm", {"attention_backend": "FLEX_ATTENTION", "kv_cache_dtype": "fp8"})
+    assert refused.user_attrs["predicted"]["refused"].startswith("ValueError: Selected backend")

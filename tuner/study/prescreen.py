@@ -1,0 +1,140 @@
+"""`tune --prescreen sim`: the calibrated simulator screens proposals before they reach a GPU.
+
+Each proposal is replayed in-process through the simulator (the trace, the trial's configuration,
+the study's GPU and model shape, the engine's scheduler) with constants fitted to this study's own
+real results (`tuner.simulator.calibration`), refitted whenever a new real result came in and
+started from the per-hardware cache of earlier studies. A proposal launches only when its predicted
+score ranks in the best `keep` share of everything predicted so far in the study; the first `warmup`
+proposals launch regardless, so the fit has data. A screened-out proposal is told to Optuna as
+PRUNED with user attrs `prescreened` (why) and `predicted` (the simulator's metrics), so the sampler
+learns from it without a GPU; every launched trial carries `predicted` too, next to what it measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from tuner.loadgen.slo import SLO
+from tuner.simulator.calibration import Calibration, fit, load_cached, simulate_observation
+from tuner.simulator.config import EngineStartupError
+from tuner.simulator.constants import PerfConstants
+from tuner.simulator.observations import Observation, calibration_key, observations_from_study
+from tuner.simulator.offline import replay
+from tuner.workload.request import TraceRequest
+
+PRESCREEN_MODES = ("off", "sim")
+
+
+@dataclass
+class Prescreen:
+    gpu: str
+    shape: str
+    engine_versions: dict[str, str]
+    requests: Sequence[TraceRequest]
+    max_model_len: int | None = None
+    slo: SLO | None = None
+    keep: float = 0.5  # share of proposals (by predicted score) that may launch
+    warmup: int = 3  # real results before screening starts
+    fit_evals: int = 40
+    run_dir: Path | None = None  # where the study's calibration JSON goes
+    engines: tuple[str, ...] = ("vllm", "sglang", "sim")  # whose results count as real (sim: tests)
+    say: Callable[[str], None] = print
+    scores: list[float] = field(default_factory=list)
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
+    screened: int = 0
+    _fitted_on: dict[str, int] = field(default_factory=dict)
+
+    def observations(self, study: optuna.Study) -> list[Observation]:
+        defaults = {"gpu": self.gpu, "shape": self.shape, "engine_versions": self.engine_versions}
+        return [o for o in observations_from_study(study, defaults, self.engines) if o.measured]
+
+    def constants(self, study: optuna.Study, engine: str) -> PerfConstants:
+        """Constants for `engine` on this hardware, refitted when real results arrived since the last fit."""
+        mine = [o for o in self.observations(study) if o.engine == _simulated(engine)]
+        key = self._key(engine)
+        current = self.calibrations.get(key) or load_cached(key)
+        start = current.constants if current else PerfConstants()
+        if mine and len(mine) != self._fitted_on.get(key):
+            predict = simulate_observation(lambda o: self.requests)
+            current = fit(mine, predict, start=start, max_evals=self.fit_evals)
+            current = Calibration(key, current.constants, current.loss, current.trials)
+            self._fitted_on[key] = len(mine)
+            current.save_cached()
+            if self.run_dir is not None:
+                current.save(self.run_dir / f"calibration-{key}.json")
+        if current is not None:
+            self.calibrations[key] = current
+        return current.constants if current else start
+
+    def predict(self, study: optuna.Study, engine: str, config: dict[str, Any]) -> dict[str, float] | str:
+        """The simulator's metrics for `config`, or the engine's start-up error message."""
+        observation = Observation(label="proposal", engine=_simulated(engine), version=self._version(engine),
+                                  gpu=self.gpu, model_shape=self.shape, config=config, workload="", rows=0,
+                                  max_model_len=self.max_model_len)
+        try:
+            return replay(observation.sim_config(self.constants(study, engine)), self.requests).metrics()
+        except EngineStartupError as exc:
+            return str(exc)
+
+    def score(self, predicted: dict[str, float]) -> float:
+        """Predicted throughput; -inf when a predicted percentile misses the SLO."""
+        for target in self.slo.targets if self.slo else ():
+            value = predicted.get(target.name)
+            if value is not None and value > target.limit_ms:
+                return float("-inf")
+        return predicted["output_throughput"]
+
+    def screen(self, study: optuna.Study, trial: optuna.Trial, engine: str, config: dict[str, Any],
+               baseline: bool = False) -> bool:
+        """True: launch. False: told to Optuna as PRUNED, with `prescreened` and `predicted` user attrs.
+        The defaults baseline always launches; it gets its prediction too."""
+        predicted = self.predict(study, engine, config)
+        if baseline:
+            trial.set_user_attr("predicted", predicted if isinstance(predicted, dict) else {"refused": predicted})
+            return True
+        if isinstance(predicted, str):
+            reason = f"the simulator refuses to start it: {predicted}"
+            trial.set_user_attr("predicted", {"refused": predicted})
+        else:
+            trial.set_user_attr("predicted", {name: round(value, 3) for name, value in predicted.items()})
+            score = self.score(predicted)
+            self.scores.append(score)
+            real = len(self.observations(study))
+            cut = float(np.quantile(self.scores, 1.0 - self.keep)) if len(self.scores) > 1 else -np.inf
+            if real < self.warmup or score >= cut:
+                return True
+            reason = (f"predicted {predicted['output_throughput']:.0f} tok/s, below the best {self.keep:.0%} "
+                      f"of {len(self.scores)} predictions (cut {cut:.0f})")
+        trial.set_user_attr("prescreened", reason)
+        study.tell(trial, state=TrialState.PRUNED)
+        self.screened += 1
+        self.say(f"trial {trial.number}: screened out by the simulator ({reason})")
+        return False
+
+    def _key(self, engine: str) -> str:
+        return calibration_key(self.gpu, _simulated(engine), self._version(engine), self.shape)
+
+    def _version(self, engine: str) -> str:
+        return self.engine_versions.get(engine, "unknown")
+
+
+def _simulated(engine: str) -> str:
+    return "sglang" if engine == "sglang" else "vllm"
+
+
+def make_prescreen(options: Any, engine_versions: dict[str, str], run_dir: Path,
+                   say: Callable[[str], None]) -> Prescreen | None:
+    """The prescreen `tune --prescreen` asks for, from the tune options; None when off."""
+    if getattr(options, "prescreen", "off") in (None, "off"):
+        return None
+    shape = options.shape.name if options.shape is not None else options.model
+    return Prescreen(gpu=options.gpu or "h100", shape=shape, engine_versions=engine_versions,
+                     requests=options.requests, max_model_len=options.max_model_len, slo=options.slo,
+                     run_dir=run_dir, say=say)
