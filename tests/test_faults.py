@@ -199,9 +199,12 @@ def _http_status(url: str, key: str | None) -> int:
 def _probe_server(seen: list[dict]):
     def probe(pid: int) -> None:
         argv = server_argv(pid)
-        host, port, key = (flag_value(argv, f) for f in ("--host", "--port", "--api-key"))
+        host, port = (flag_value(argv, f) for f in ("--host", "--port"))
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if item)
+        key = environ["SERVETUNE_API_KEY"]
         url = f"http://{host}:{port}/v1/models"
-        seen.append({"host": host, "key": key, "without_key": _http_status(url, None),
+        seen.append({"host": host, "key": key, "on_argv": key in " ".join(argv),
+                     "without_key": _http_status(url, None),
                      "wrong_key": _http_status(url, key + "x"), "with_key": _http_status(url, key),
                      "listening": [h for h in ("127.0.0.1", "127.0.0.3") if _connects(h, int(port))]})
     return probe
@@ -221,6 +224,7 @@ def test_trial_servers_bind_loopback_with_a_random_key_that_never_reaches_mlflow
     assert [s["host"] for s in seen] == ["127.0.0.1", "127.0.0.1"]
     assert all(s["listening"] == ["127.0.0.1"] for s in seen)  # not on another address
     assert all((s["without_key"], s["wrong_key"], s["with_key"]) == (401, 401, 200) for s in seen)
+    assert not any(s["on_argv"] for s in seen)  # `ps` shows argv to every user; the key is in the environment
     keys = [s["key"] for s in seen]
     assert keys[0] != keys[1] and all(len(k) >= 32 for k in keys)
 

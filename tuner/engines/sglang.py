@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tuner.engines.base import Engine, FailureClass, Launch, patterns
+from tuner.engines.base import Engine, FailureClass, Launch, key_file, patterns
 
 
 @dataclass
@@ -45,4 +45,5 @@ class SglangEngine(Engine):
 
     def connection_args(self, launch: Launch) -> list[str]:
         args = super().connection_args(launch)
-        return args + (["--api-key", launch.api_key] if launch.api_key else [])
+        # SGLang reads no key from the environment; `--config FILE` merges a YAML file's options (0600 here)
+        return args + (["--config", str(key_file(launch.api_key))] if launch.api_key else [])
