@@ -12,6 +12,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from tuner.errors import InputError
 from tuner.runner.placement import Placement, nvlink_order, nvlink_peers
 from tuner.runner.reaper import TOKEN_ENV, reap
 from tuner.runner.trial import TrialOutcome, TrialSpec, execute_trial
@@ -59,7 +60,11 @@ def init_ray(address: str | None, gpus: int) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise InputError(f"cannot join the Ray cluster at {address!r}: {reason}", field="ray-address") from None
     else:
         ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, gpus * CPUS_PER_TRIAL + 1), **kwargs)
 
