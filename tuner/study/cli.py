@@ -296,5 +296,9 @@ def run(args: argparse.Namespace) -> int:
     with StudyLock.acquire(storage, study_name, objectives.directions):
         study = tuner.run()
         tuner.report(study)
-    print(f"\nexport again with: tune export --study {study_name} --storage {redact_url(options.storage)}")
+    print(closing_line(study_name, options.storage))
     return 0
+
+
+def closing_line(study_name: str, storage_url: str) -> str:
+    return f"\nexport again with: tune export --study {study_name} --storage {redact_url(storage_url)}"
