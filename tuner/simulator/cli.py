@@ -68,7 +68,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The `SimConfig` for parsed flags; bad values raise `InputError` (one line, exit 2)."""
     return SimConfig(
         model_shape=args.model_shape, gpu=args.gpu, served_model_name=tuple(args.served_model_name or ()),
-        host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_num_seqs=args.max_num_seqs,
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,

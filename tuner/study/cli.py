@@ -155,7 +155,7 @@ RAY_ADDRESS = re.compile(r"(auto|local|(ray://)?[A-Za-z0-9_.\-]+:(\d{1,5}))")
 def check_ray_address(address: str | None) -> str | None:
     match = RAY_ADDRESS.fullmatch(address) if address is not None else None
     if address is not None and (match is None or (match.group(3) and not 0 < int(match.group(3)) < 65536)):
-        raise InputError(f"expected auto or HOST:PORT (a Ray head node, e.g. 10.0.0.5:6379), got {address!r}",
+        raise InputError(f"expected auto or HOST:PORT of the head node (e.g. 10.0.0.5:6379), got {address!r}",
                          field="ray-address")
     return address
 
@@ -269,9 +269,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"GPUs: {len(found)} × {found[0].name} ({found[0].memory_mib} MiB, compute capability "
                   f"{found[0].compute_capability[0]}.{found[0].compute_capability[1]})")
     model_label = Path(model).name if model else "model"
-    study_name = check_study_name(args.study_name or f"{'-'.join(engines)}-{model_label}-{workload.stem}-{args.gpus}gpu")
+    study_name = check_study_name(args.study_name
+                                  or f"{'-'.join(engines)}-{model_label}-{workload.stem}-{args.gpus}gpu")
     storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
-    storage = open_storage(storage_url)
     options = TuneOptions(
         workload=workload, requests=requests, workload_digest=trace_digest(workload), engines=engines,
         model=model, shape=shape, gpus=args.gpus, gpu=gpu or ("h100" if engines == ["sim"] else None),
@@ -291,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost"):
         print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "
               "its own random API key", file=sys.stderr)
+    storage = open_storage(storage_url)
     if args.ray_address is None:  # Ray reads this at import: the cluster started here binds 127.0.0.1 only
         os.environ.setdefault(RAY_LOCAL_ONLY, "0")
     with StudyLock.acquire(storage, study_name, objectives.directions):
