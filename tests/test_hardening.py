@@ -104,6 +104,19 @@ def test_options_that_cannot_work_are_one_line(tmp_path, option, value, says):
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
 
 
+def test_ray_address_where_nothing_listens_is_one_line_at_once():
+    from tuner.runner.pool import check_reachable  # what init_ray asks first
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    started = time.monotonic()
+    with pytest.raises(InputError, match=f"nothing answers at '127.0.0.1:{port}'") as caught:
+        check_reachable(f"127.0.0.1:{port}")
+    assert caught.value.field == "ray-address" and time.monotonic() - started < 15  # Ray alone retries for minutes
+    check_reachable("auto")  # Ray's own look-up on this machine
+
+
 def test_trace_whose_outputs_are_all_zero_is_refused(tmp_path):
     trace = native_trace(tmp_path / "zero.jsonl", output_tokens=0)
     err = one_line_error(*run_cli(tune_argv(tmp_path, trace=trace))[::2])
