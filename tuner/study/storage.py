@@ -4,6 +4,7 @@ Optuna's journal file (JournalStorage) that several machines can share on a netw
 from __future__ import annotations
 
 import fcntl
+import warnings
 from pathlib import Path
 
 import optuna
@@ -18,8 +19,11 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     """What optuna.create_study / load_study take as `storage`; any URL that cannot be used is an
     InputError naming it (password masked). Without `create`, a SQLite or journal file must exist."""
     try:
-        return _open(url, create)
-    except InputError:
+        with warnings.catch_warnings():  # SQLAlchemy's about the URL (ignored query arguments): not an error line
+            warnings.simplefilter("ignore")
+            return _open(url, create)
+    except InputError as exc:
+        exc.message = redact_text(exc.message, url)
         raise
     except Exception as exc:  # the driver's, SQLAlchemy's or the file system's own words, first line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
