@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import shlex
 import shutil
@@ -15,12 +14,12 @@ from pathlib import Path
 from tuner.errors import InputError
 from tuner.models.shapes import PRESETS, get_shape
 from tuner.redact import redact_url
+from tuner.runner import ray_local_only
 from tuner.study.lock import StudyLock
 from tuner.study.objectives import Objectives
 from tuner.study.storage import open_storage
 
 DEFAULT_OUT = Path("servetune-runs")
-RAY_LOCAL_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, on the loopback only
 MAX_SPAN_S = 30 * 86400  # a trial replays the trace in real time: a month is already far too long
 
 
@@ -292,8 +291,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "
               "its own random API key", file=sys.stderr)
     storage = open_storage(storage_url)
-    if args.ray_address is None:  # Ray reads this at import: the cluster started here binds 127.0.0.1 only
-        os.environ.setdefault(RAY_LOCAL_ONLY, "0")
+    if args.ray_address is None:
+        ray_local_only()
     with StudyLock.acquire(storage, study_name, objectives.directions):
         study = tuner.run()
         tuner.report(study)
