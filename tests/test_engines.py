@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tuner.engines import engine_names, get_engine
-from tuner.engines.base import Launch
+from tuner.engines.base import Launch, remove_key_file
 from tuner.errors import InputError
 from tuner.outcome import Outcome, missing_module
 from tuner.space.flags import parse_flags
@@ -80,6 +81,13 @@ def test_one_config_gives_each_engine_its_argv_and_parses_back(engine):
         assert spec.env["VLLM_API_KEY"] == "sekret" and "sekret" not in spec.argv
     if engine == "sglang":
         assert command[:4] == ["python", "-m", "sglang.launch_server", "--model-path"]
+        key_path = Path(spec.argv[spec.argv.index("--config") + 1])
+        assert yaml.safe_load(key_path.read_text()) == {"api-key": "sekret"} and "sekret" not in spec.argv
+        assert key_path.stat().st_mode & 0o777 == 0o600
+        remove_key_file("sekret")
+        assert not key_path.exists()
+    if engine == "sim":
+        assert spec.env["SERVETUNE_API_KEY"] == "sekret" and "sekret" not in spec.argv
 
 
 def test_unknown_engine_and_shape_are_input_errors():

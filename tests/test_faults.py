@@ -7,6 +7,7 @@ process or port is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -228,9 +229,12 @@ def _http_status(url: str, key: str | None) -> int:
 def _probe_server(seen: list[dict]):
     def probe(pid: int) -> None:
         argv = server_argv(pid)
-        host, port, key = (flag_value(argv, f) for f in ("--host", "--port", "--api-key"))
+        host, port = (flag_value(argv, f) for f in ("--host", "--port"))
+        environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if item)
+        key = environ["SERVETUNE_API_KEY"]
         url = f"http://{host}:{port}/v1/models"
-        seen.append({"host": host, "key": key, "without_key": _http_status(url, None),
+        seen.append({"host": host, "key": key, "on_argv": key in " ".join(argv),
+                     "without_key": _http_status(url, None),
                      "wrong_key": _http_status(url, key + "x"), "with_key": _http_status(url, key),
                      "listening": [h for h in ("127.0.0.1", "127.0.0.3") if _connects(h, int(port))]})
     return probe
@@ -250,6 +254,7 @@ def test_trial_servers_bind_loopback_with_a_random_key_that_never_reaches_mlflow
     assert [s["host"] for s in seen] == ["127.0.0.1", "127.0.0.1"]
     assert all(s["listening"] == ["127.0.0.1"] for s in seen)  # not on another address
     assert all((s["without_key"], s["wrong_key"], s["with_key"]) == (401, 401, 200) for s in seen)
+    assert not any(s["on_argv"] for s in seen)  # `ps` shows argv to every user; the key is in the environment
     keys = [s["key"] for s in seen]
     assert keys[0] != keys[1] and all(len(k) >= 32 for k in keys)
 
@@ -385,6 +390,48 @@ def _processes_mentioning(*words: str) -> list[int]:
     return found
 
 
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1]) if entry.name.isdigit() else None
+        except OSError:
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def _listening_addresses(pids: list[int]) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1].rpartition(":")[0])
+    return found
+
+
+def _loopback(hex_address: str) -> bool:
+    if len(hex_address) == 8:  # IPv4, little-endian: 127.x.x.x ends in 7F
+        return hex_address.endswith("7F")
+    return hex_address == "00000000000000000000000001000000" or (
+        hex_address.startswith("0000000000000000FFFF0000") and hex_address.endswith("7F"))  # ::1, ::ffff:127.x
+
+
 def _gone_or_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
@@ -403,6 +450,8 @@ def test_killed_tune_leaves_no_server_and_the_same_command_finishes_the_study(tm
         number, server_pid, server = wait_for(lambda: _serving_trial(out, "killed"), 180,
                                               "a finished and a serving trial")
         assert flag_value(server, "--host") == "127.0.0.2"  # --host reaches the trial servers
+        listening = _listening_addresses(_descendants(tune.pid))  # tune, its local Ray cluster, the server
+        assert len(listening) >= 1 and all(_loopback(a) for a in listening), listening
         actor_pid = int(Path(f"/proc/{server_pid}/stat").read_text().rpartition(")")[2].split()[1])
         before = {t.number: t.values for t in _ran(_study(out, "killed"))}
         os.killpg(tune.pid, signal.SIGKILL)
@@ -418,6 +467,7 @@ def test_killed_tune_leaves_no_server_and_the_same_command_finishes_the_study(tm
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 interrupted trial(s) will run again" in again.stdout and "Pareto front" in again.stdout
+    assert f"taking over the lock of study 'killed': its process (pid {tune.pid} on" in again.stdout
     study = _study(out, "killed")
     interrupted = study.trials[number]
     assert records(study)[number].failure == Outcome.INTERRUPTED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -48,6 +49,7 @@ class RunningServer:
     url: str
     log: Path
     refused_while_loading: bool
+    pid: int
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +57,18 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("sim") / "server.log"
     argv = [sys.executable, "-m", "tuner", "sim-serve", "--port", str(port), "--time-scale", "20",
-            "--startup-seconds", "40", "--api-key", API_KEY, "--served-model-name", MODEL,
+            "--startup-seconds", "40", "--served-model-name", MODEL,
             "--data-parallel-size", "2", "--max-model-len", "4096"]
     with log.open("w") as handle:
-        process = subprocess.Popen(argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "SERVETUNE_API_KEY": API_KEY})
     try:
         wait_for(lambda: "Loading simulated weights" in log.read_text(), 30, "the loading log line")
         refused = port_refuses(port)  # 1 s of wall-clock loading still ahead
         wait_for(lambda: "Application startup complete." in log.read_text() or process.poll() is not None, 30,
                  "start-up")
         assert process.poll() is None, log.read_text()
-        yield RunningServer(f"http://127.0.0.1:{port}", log, refused)
+        yield RunningServer(f"http://127.0.0.1:{port}", log, refused, process.pid)
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -93,7 +96,7 @@ def post(server: RunningServer, path: str, body: object, headers: dict | None = 
 def get(server: RunningServer, path: str, headers: dict | None = None):
     async def go():
         async with aiohttp.ClientSession() as session:
-            async with session.get(server.url + path, headers=headers or {}) as r:
+            async with session.get(server.url + path, headers=AUTH if headers is None else headers) as r:
                 return r.status, await r.text()
     return asyncio.run(go())
 
@@ -173,14 +176,21 @@ def test_without_ignore_eos_stops_between_min_tokens_and_max_tokens(server):
 
 # ---- errors -------------------------------------------------------------------------------------
 
-def test_api_key_is_required_on_v1_routes(server):
+def test_api_key_is_required_on_every_route_but_health_and_never_returned(server):
     status, body = post(server, "/v1/completions", {"prompt": [1, 2], "max_tokens": 2}, headers={})
     assert status == 401
     status, _ = post(server, "/v1/completions", {"prompt": [1, 2], "max_tokens": 2},
                      headers={"Authorization": "Bearer wrong"})
     assert status == 401
-    assert get(server, "/v1/models")[0] == 401
-    assert get(server, "/metrics")[0] == 200
+    for path in ("/v1/models", "/metrics", "/sim/info", "/version", "/no/such/route"):
+        assert get(server, path, headers={})[0] == 401, path
+        assert get(server, path, headers={"Authorization": f"Bearer {API_KEY}x"})[0] == 401, path
+    assert post(server, "/reset_prefix_cache", {}, headers={})[0] == 401
+    assert get(server, "/health", headers={})[0] == 200
+    status, info = get(server, "/sim/info")
+    assert status == 200 and "max_model_len" in info and API_KEY not in info and "api_key" not in info
+    argv = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
+    assert API_KEY not in argv  # the fixture gives the key through SERVETUNE_API_KEY, which `ps` does not show
 
 
 @pytest.mark.parametrize("body, param", [

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from tuner.errors import InputError
 
@@ -35,7 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_sigint() -> None:
+    """A job started in the background by a script inherits SIGINT ignored; Ctrl-C (or `kill -INT`) must
+    still stop `tune` cleanly."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _default_sigint()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
@@ -48,3 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tune ... | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
+        return 0

@@ -1,4 +1,5 @@
-"""Fuzz the trace readers, YAML search spaces and `tune run` options with many generated inputs.
+"""Fuzz the trace readers, YAML search spaces, `tune run` options (--storage and --ray-address among them),
+storage URLs and the simulator's HTTP endpoints with many generated inputs.
 
 The checks and input generators are those of tests/test_fuzz.py (which runs a few in CI); here each target
 gets N inputs (default 1,000) and a crash does not stop the run: every input is counted as accepted,
@@ -27,6 +28,8 @@ TARGETS = [  # (name, generator of one input as an argument tuple, check)
     ("trace readers (tune workload inspect)", st.tuples(fuzz.trace_files(), fuzz.inspect_options), fuzz.check_trace),
     ("YAML search spaces (load, sample, render)", st.tuples(fuzz.space_texts()), fuzz.check_space),
     ("tune run options", st.tuples(fuzz.run_argvs()), fuzz.check_argv),
+    ("--storage URLs (tune export)", st.tuples(fuzz.storage_urls), fuzz.check_storage),
+    ("simulator HTTP endpoints", st.tuples(fuzz.http_requests), fuzz.check_sim_http),
 ]
 
 

@@ -20,7 +20,7 @@ per launch plus the replayed time; a configuration proposed again gets its resul
 - new ours: the rules as `Tuner._watchers` applies them now: `SloPruner(stop_on_slo_lost=<some
   completed trial meets the SLO>)`, the dominance bound against the best final goodput per GPU of the
   completed (reliable) trials, successive halving (rungs 1/4, 1/2, all, eta 2), the feasibility model;
-  the recommendation is `tuner.study.pareto.pick` over the completed trials.
+  the recommendation is `tuner.records.pareto.pick` over the completed trials.
 
 Measured: GPU time until the strategy's recommendation (plain TPE: `pick` over its completed trials)
 is within 95% of the grid's best goodput, each run may spend 50% of the grid's GPU time. Ablations, to
@@ -49,13 +49,13 @@ import optuna
 from optuna.trial import TrialState
 
 import search_strategies as ss
-from tuner.engines.base import FailureClass
+from tuner.outcome import Outcome
 from tuner.loadgen.replay import chain
 from tuner.loadgen.slo import parse_slo
 from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
 from tuner.study.fidelity import RungWatch, SuccessiveHalving, stopped_constraints
-from tuner.study.objectives import Objectives, slo_constraints
-from tuner.study.pareto import Point, pick
+from tuner.records.objectives import Objectives, slo_constraints
+from tuner.records.pareto import Point, pick
 from tuner.study.pruning import SloPruner
 from tuner.study.tune import unreliable_reasons
 from tuner.workload.request import TraceRequest
@@ -159,7 +159,7 @@ def run_search(strategy: str, seed: int, tapes: dict[str, ss.Tape], requests: li
         run.launches += 1
         if tape.failed:  # as tune records a failed start
             cost = ss.START_S
-            trial.set_user_attr("failure", FailureClass.OOM_STARTUP)
+            trial.set_user_attr("failure", Outcome.OOM_STARTUP)
             study.tell(trial, state=TrialState.FAIL)
             memo[key] = ("fail", None)
         else:

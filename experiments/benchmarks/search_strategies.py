@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from tuner.engines.base import FailureClass  # noqa: E402
+from tuner.outcome import Outcome  # noqa: E402
 from tuner.loadgen.metrics import RequestResult, summarize, tpot_s, wall_duration_s  # noqa: E402
 from tuner.loadgen.replay import ProgressSnapshot  # noqa: E402
 from tuner.loadgen.slo import parse_slo  # noqa: E402
@@ -340,10 +340,10 @@ def run_strategy(strategy: str, seed: int, tapes: dict[str, Tape], requests: lis
         if tape.failed:
             cost, wasted = START_S, "failed start"
             if features.skips_learnt and features.feasibility:
-                tell_infeasible(study, trial, FailureClass.OOM_STARTUP, tape.failed)
+                tell_infeasible(study, trial, Outcome.OOM_STARTUP, tape.failed)
                 memo[key] = ("infeasible", tape.failed)
             else:
-                trial.set_user_attr("failure", FailureClass.OOM_STARTUP)
+                trial.set_user_attr("failure", Outcome.OOM_STARTUP)
                 study.tell(trial, state=TrialState.FAIL)
                 memo[key] = ("fail", None)
         else:
@@ -396,10 +396,10 @@ def run_strategy(strategy: str, seed: int, tapes: dict[str, Tape], requests: lis
 
 def _tell_again(study: optuna.Study, trial: optuna.Trial, kind: str, payload: Any) -> None:
     if kind == "fail":
-        trial.set_user_attr("failure", FailureClass.OOM_STARTUP)
+        trial.set_user_attr("failure", Outcome.OOM_STARTUP)
         study.tell(trial, state=TrialState.FAIL)
     elif kind == "infeasible":
-        tell_infeasible(study, trial, FailureClass.OOM_STARTUP, payload)
+        tell_infeasible(study, trial, Outcome.OOM_STARTUP, payload)
     elif kind == "pruned":
         for name, value in payload.items():
             trial.set_constraint(name, value)

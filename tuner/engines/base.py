@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,26 @@ class OptionsFile:
             tmp.write_text(self.text)
             tmp.replace(path)
         return path
+
+
+def key_file(key: str, flag: str = "api-key") -> Path:
+    """A YAML file `{flag}: KEY` only this user can read, for engines that take a secret from a config file
+    rather than the environment (argv is world-readable in `ps`). Named by the key's hash; see remove_key_file."""
+    folder = Path(tempfile.gettempdir()) / f"servetune-keys-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
+        raise OSError(f"{folder} is not a private directory of this user")
+    path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.yaml"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(yaml.safe_dump({flag: key}))
+    return path
+
+
+def remove_key_file(key: str | None) -> None:
+    if key:
+        folder = Path(tempfile.gettempdir()) / f"servetune-keys-{os.getuid()}"
+        (folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.yaml").unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from tuner.engines.base import Engine, Launch, patterns
 from tuner.engines.registry import register_engine
 from tuner.models.shapes import get_shape
 from tuner.outcome import Outcome
+from tuner.simulator.cli import API_KEY_ENV
 
 
 @register_engine("sim")
@@ -43,9 +44,11 @@ class SimEngine(Engine):
     def clock_scale(self, launch: Launch) -> float:
         return launch.time_scale
 
-    def connection_args(self, launch: Launch) -> list[str]:
-        args = super().connection_args(launch)
-        return args + (["--api-key", launch.api_key] if launch.api_key else [])
+    def environment(self, launch: Launch) -> dict[str, str]:
+        env = super().environment(launch)
+        if launch.api_key:
+            env[API_KEY_ENV] = launch.api_key  # not on argv, where `ps` would show it
+        return env
 
     def version(self, python: str = "") -> str:
         from tuner import __version__

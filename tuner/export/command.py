@@ -13,6 +13,7 @@ import yaml
 from tuner.engines import engine_names, get_engine
 from tuner.engines.base import Launch, OptionsFile
 from tuner.errors import InputError
+from tuner.redact import redact_url
 from tuner.loadgen.slo import SLO
 from tuner.records.objectives import Objectives, slo_constraints
 from tuner.records.pareto import Point, completed_points, pick
@@ -25,12 +26,12 @@ def load_study(name: str, storage: str) -> optuna.Study:
     from tuner.records.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    opened = open_storage(storage)
+    opened = open_storage(storage, create=False)
     try:
         return optuna.load_study(study_name=name, storage=opened)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
-        raise InputError(f"no study named '{name}' in {storage} (studies: {', '.join(names) or 'none'})",
+        raise InputError(f"no study named '{name}' in {redact_url(storage)} (studies: {', '.join(names) or 'none'})",
                          field="study") from None
 
 

@@ -145,7 +145,6 @@ class StudyRecord:
     interrupted: list[int] = field(default_factory=list)  # trials a killed `tune` left running
     excluded: list[list[Any]] = field(default_factory=list)  # [knob, value, reason]: left the space
     offered_rate: float = 0.0  # the trace's requests per second (server clock), 0 when closed loop
-    lock: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:

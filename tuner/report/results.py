@@ -162,6 +162,8 @@ def _issues(study: optuna.Study) -> tuple[list[TrialIssue], Counter, int]:
             running += 1
         elif r.state in ("FAIL", "PRUNED") and r.failure in NEVER_LAUNCHED:
             rejected[r.message] += 1
+        elif r.prescreened:
+            rejected["screened out by the calibrated simulator"] += 1
         elif r.state in ("FAIL", "PRUNED"):
             stopped = r.stopped.get("kind")
             cause = f"{STOPPED}{stopped}" if stopped else r.failure or ("pruned" if r.state == "PRUNED" else "unknown")

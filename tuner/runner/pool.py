@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from collections import defaultdict
@@ -12,6 +13,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from tuner.errors import InputError
 from tuner.outcome import Outcome
 from tuner.runner.placement import Placement, nvlink_order, nvlink_peers
 from tuner.runner.reaper import TOKEN_ENV, reap
@@ -60,9 +62,26 @@ def init_ray(address: str | None, gpus: int) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
-        ray.init(address=address, **kwargs)
+        check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise InputError(f"cannot join the Ray cluster at {address!r}: {reason}", field="ray-address") from None
     else:
         ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, gpus * CPUS_PER_TRIAL + 1), **kwargs)
+
+
+def check_reachable(address: str) -> None:
+    """A HOST:PORT where nothing listens is one line now, not minutes of Ray retrying to reach it."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # `auto`, `local`: Ray looks for a cluster on this machine and says so at once
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise InputError(f"nothing answers at {address!r} ({exc.strerror or exc}): is the head node's "
+                         "`ray start --head` running?", field="ray-address") from None
 
 
 def cluster_gpus() -> dict[str, int]:

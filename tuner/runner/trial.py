@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner.engines import get_engine
-from tuner.engines.base import Launch
+from tuner.engines.base import Launch, remove_key_file
 from tuner.hardware.inventory import used_memory_mib, wait_memory_back
 from tuner.loadgen.replay import BenchConfig, ReplayWatcher, chain, run_bench_sync, write_results
 from tuner.loadgen.slo import SLO
@@ -195,6 +195,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     finally:
         exit_code = server.stop()
         scrub_secret(server.log_path, launch.api_key)
+        remove_key_file(launch.api_key)
         outcome.port_released = server.wait_port_released(launch.host, port)
         if memory_before:
             outcome.gpu_memory_released = wait_memory_back(memory_before)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from tuner.simulator.config import (ATTENTION_BACKENDS, FAULTS, KV_CACHE_DTYPES, QUANTIZATIONS, SIM_ENGINES,
                                     SimConfig, parse_speculative_config, parse_token_count)
 from tuner.simulator.constants import PerfConstants, load_constants
+
+API_KEY_ENV = "SERVETUNE_API_KEY"  # the key, kept off the command line
 
 
 def _token_count(text: str) -> int:
@@ -44,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME")
-    server.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    server.add_argument("--api-key", default=None,
+                        help=f"require `Authorization: Bearer KEY` on every route but /health (better: set "
+                             f"{API_KEY_ENV}, which `ps` does not show)")
 
     engine = parser.add_argument_group("engine (as vllm serve)")
     engine.add_argument("--max-num-seqs", type=int, default=None)
@@ -72,7 +77,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     """The `SimConfig` for parsed flags; bad values raise `InputError` (one line, exit 2)."""
     return SimConfig(
         model_shape=args.model_shape, gpu=args.gpu, served_model_name=tuple(args.served_model_name or ()),
-        host=args.host, port=args.port, api_key=args.api_key, max_num_seqs=args.max_num_seqs,
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,

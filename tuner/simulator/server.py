@@ -9,6 +9,7 @@ up, streams receive several steps' tokens in one chunk and `sim:clock_lag_second
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from aiohttp import web
 
 from tuner import __version__
 from tuner.simulator.config import EngineStartupError, SimConfig, check_engine_config
-from tuner.simulator.engine import EngineRequest, make_engine
+from tuner.simulator.engine import EngineRequest, SimScheduler, make_engine
 
 BANNER = "SIMULATED ENGINE (servetune performance model, not a GPU)"
 OWNER = "servetune-simulator"
@@ -199,8 +200,10 @@ class SimServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
+        """With a key, every route but /health needs it (unknown paths too: 401 says nothing of what exists)."""
         key = self.config.api_key
-        if key and request.path.startswith("/v1") and request.headers.get("Authorization") != f"Bearer {key}":
+        if key and request.path != "/health" and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()):
             return web.json_response({"error": "Unauthorized"}, status=401)
         return await handler(request)
 
@@ -212,6 +215,7 @@ class SimServer:
 
     async def info(self, request: web.Request) -> web.Response:
         config = asdict(self.config)
+        config.pop("api_key")  # never handed out, even to a caller who has it
         plan = asdict(self.replicas[0].engine.memory)
         return web.json_response({"banner": BANNER, "config": config, "memory_plan": plan,
                                   "kv_cache_capacity_tokens": [r.engine.memory.capacity_tokens for r in self.replicas]})

@@ -15,8 +15,13 @@ from tuner.engines import engine_names, get_engine, is_simulated, needs_gpu
 from tuner.errors import InputError
 from tuner.models.shapes import PRESETS, get_shape
 from tuner.records.objectives import Objectives
+from tuner.records.storage import open_storage
+from tuner.redact import redact_url
+from tuner.runner import ray_local_only
+from tuner.study.lock import StudyLock
 
 DEFAULT_OUT = Path("servetune-runs")
+MAX_SPAN_S = 30 * 86400  # a trial replays the trace in real time: a month is already far too long
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +144,52 @@ def check_host(host: str) -> str:
     return host
 
 
+def check_host_is_local(host: str) -> None:
+    """Trial servers on this machine must be able to bind `host` (with --ray-address they run elsewhere)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+    except OSError as exc:
+        raise InputError(f"{host!r} is not an address of this machine ({exc.strerror}); trial servers could "
+                         "not listen on it", field="host") from None
+
+
+def check_study_name(name: str) -> str:
+    """The name becomes a folder under --out: no path separators, no `..`, nothing unprintable."""
+    if (not name or len(name) > 200 or name in (".", "..") or any(c in name for c in "/\\")
+            or not name.isprintable()):
+        raise InputError(f"{name!r} cannot name a study: use at most 200 printable characters, without "
+                         "'/', '\\' and not '.' or '..'", field="study-name")
+    return name
+
+
+RAY_ADDRESS = re.compile(r"(auto|local|(ray://)?[A-Za-z0-9_.\-]+:(\d{1,5}))")
+
+
+def check_ray_address(address: str | None) -> str | None:
+    match = RAY_ADDRESS.fullmatch(address) if address is not None else None
+    if address is not None and (match is None or (match.group(3) and not 0 < int(match.group(3)) < 65536)):
+        raise InputError(f"expected auto or HOST:PORT of the head node (e.g. 10.0.0.5:6379), got {address!r}",
+                         field="ray-address")
+    return address
+
+
+def check_requests(requests: list, workload: Path, max_model_len: int | None) -> int:
+    """What no server could serve; the longest request (prompt + output) in tokens."""
+    longest = max(r.input_tokens + r.output_tokens for r in requests)
+    if max_model_len is not None and max_model_len < longest:
+        raise InputError(f"{max_model_len} tokens of context, but the workload's longest request needs {longest} "
+                         "(prompt + output): give at least that, or slice the workload", field="max-model-len")
+    if not any(r.output_tokens for r in requests):
+        raise InputError("every request asks for 0 output tokens: there is no generation to measure",
+                         file=str(workload))
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    if span > MAX_SPAN_S:
+        raise InputError(f"the selection spans {span:.3g} s, which each trial would replay in real time; slice it "
+                         "(--seconds, --rows) or replay it faster (--time-scale)", file=str(workload))
+    return longest
+
+
 def _has_gpu() -> bool:
     try:
         import pynvml
@@ -173,6 +224,11 @@ def run(args: argparse.Namespace) -> int:
 
     engines = resolve_engines(args.engine)
     host = check_host(args.host)
+    if args.ray_address is None:
+        check_host_is_local(host)
+    check_ray_address(args.ray_address)
+    if args.study_name is not None:
+        check_study_name(args.study_name)
     if args.gpus < 1:
         raise InputError("must be at least 1", field="gpus")
     check_numbers(args)
@@ -223,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise InputError(f"expected KEY=VALUE, got '{item}'", field="engine-env")
         env.append((key, value))
-    longest = max(r.input_tokens + r.output_tokens for r in requests)
+    longest = check_requests(requests, workload, args.max_model_len)
     max_model_len = args.max_model_len or -(-longest // 1024) * 1024
     if shape is not None and max_model_len > shape.max_position:
         raise InputError(f"the workload needs {longest} tokens of context; {shape.name} has {shape.max_position} "
@@ -238,12 +294,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"GPUs: {len(found)} × {found[0].name} ({found[0].memory_mib} MiB, compute capability "
                   f"{found[0].compute_capability[0]}.{found[0].compute_capability[1]})")
     model_label = Path(model).name if model else "model"
-    study_name = args.study_name or f"{'-'.join(engines)}-{model_label}-{workload.stem}-{args.gpus}gpu"
+    study_name = check_study_name(args.study_name
+                                  or f"{'-'.join(engines)}-{model_label}-{workload.stem}-{args.gpus}gpu")
+    storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
     options = TuneOptions(
         workload=workload, requests=requests, workload_digest=trace_digest(workload), engines=engines,
         model=model, shape=shape, gpus=args.gpus, gpu=gpu or (get_engine(engines[0]).default_gpu if simulated else None),
         trials=trials, budget_s=budget, objectives=objectives, slo=slo, sampler=args.sampler, seed=args.seed,
-        study_name=study_name, storage=args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}",
+        study_name=study_name, storage=storage_url,
         out_dir=out, mlflow_uri=None if args.no_mlflow else (args.mlflow_uri or
                                                               f"sqlite:///{(out / 'mlflow.db').resolve()}"),
         ray_address=args.ray_address, host=host, space_path=args.space, fix=args.fix, exclude=args.exclude,
@@ -258,7 +316,15 @@ def run(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost"):
         print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "
               "its own random API key", file=sys.stderr)
-    study = tuner.run()
-    tuner.report(study)
-    print(f"\nexport again with: tune export --study {study_name} --storage {options.storage}")
+    storage = open_storage(storage_url)
+    if args.ray_address is None:
+        ray_local_only()
+    with StudyLock.acquire(storage, study_name, tuner.objectives.directions):
+        study = tuner.run()
+        tuner.report(study)
+    print(closing_line(study_name, options.storage))
     return 0
+
+
+def closing_line(study_name: str, storage_url: str) -> str:
+    return f"\nexport again with: tune export --study {study_name} --storage {redact_url(storage_url)}"

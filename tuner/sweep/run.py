@@ -134,6 +134,9 @@ def _unmeasured(cell: Cell, status: str) -> CellResult:
 def run_sweep(spec: SweepSpec, work_dir: Path, repeats: int,
               say: Callable[[str], None] = print) -> tuple[RunResults, list]:
     """Every cell, one after the other. Returns the run's results and the cells' study results."""
+    from tuner.runner import ray_local_only
+
+    ray_local_only()  # before Ray is imported
     from tuner.runner.pool import init_ray
     from tuner.study.tune import Tuner
 

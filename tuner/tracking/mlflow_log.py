@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import InputError
+from tuner.redact import redact_text, redact_url
 
 SECRET_FLAG = re.compile(r"(^|[-_])(api[-_]?key|key|token|secret|password|passwd|credentials?)($|[-_])")
 # the MLflow client retries a lost server for minutes by default; the buffer makes retrying pointless
@@ -46,13 +47,8 @@ def _redact(argv: list[str]) -> list[str]:
     return out
 
 
-def redact_url(url: str) -> str:
-    """`postgresql://user:pass@host/db` -> `postgresql://user:***@host/db`."""
-    return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+def _first_line(exc: BaseException, url: str | None = None) -> str:
+    return redact_text((str(exc).strip().splitlines() or [type(exc).__name__])[0][:200], url)
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -87,7 +83,7 @@ class StudyTracker:
         try:
             self.client = MlflowClient(tracking_uri)
         except Exception as exc:  # an unknown scheme, a retired file store...
-            raise InputError(f"cannot use {redact_url(tracking_uri)!r}: {_first_line(exc)}",
+            raise InputError(f"cannot use {redact_url(tracking_uri)!r}: {_first_line(exc, self.tracking_uri)}",
                              field="mlflow-uri") from None
         self.experiment = experiment
         self.study_name = study_name
@@ -195,10 +191,11 @@ class StudyTracker:
                     self._keep(records[index:])
                     if not self.down:
                         self.down = True
-                        self.say(f"mlflow: {redact_url(self.tracking_uri)} unreachable ({_first_line(exc)}); "
+                        reason = _first_line(exc, self.tracking_uri)
+                        self.say(f"mlflow: {redact_url(self.tracking_uri)} unreachable ({reason}); "
                                  f"buffering to {self.buffer_path}, the study goes on")
                     return False
-                self.say(f"mlflow: {record['op']} record rejected and skipped: {_first_line(exc)}")
+                self.say(f"mlflow: {record['op']} record rejected and skipped: {_first_line(exc, self.tracking_uri)}")
         self._keep([])
         if self.down:
             self.down = False

@@ -124,9 +124,11 @@ def _dispersion(times: np.ndarray) -> float | None:
     """Index of dispersion of counts in 1 s bins from the first arrival, the last bin partial."""
     if len(times) < 2:
         return None
-    offsets = np.floor(times - times[0]).astype(np.int64)
-    counts = np.bincount(offsets, minlength=int(offsets[-1]) + 1)
-    return float(counts.var() / counts.mean())
+    # from the non-empty bins only: a span of 1e30 s must not allocate a slot per second
+    _, counts = np.unique(np.floor(times - times[0]), return_counts=True)
+    bins = math.floor(times[-1] - times[0]) + 1  # empty bins count 0
+    mean = len(times) / bins
+    return float(np.sum(counts.astype(np.float64) ** 2) / bins - mean * mean) / mean
 
 
 def _prefix_stats(ids: np.ndarray, weights: np.ndarray, input_tokens: int) -> PrefixStats | None:

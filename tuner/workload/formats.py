@@ -22,13 +22,14 @@ FORMATS = ("mooncake", "azure", "native")
 MOONCAKE_BLOCK_TOKENS = 512
 DEFAULT_BLOCK_TOKENS = 512
 TOKENS_PER_WORD = 1.3  # estimate of input_tokens when a native line gives only text
+MAX_LINE_BYTES = 64 * 2**20  # one request's line, its prompt text included
 MAX_TOKENS = 10**9  # no prompt or answer is longer; larger counts are typos (and overflow int64 sums)
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 NATIVE_FIELDS = frozenset({"arrival_s", "input_tokens", "output_tokens", "prompt", "messages",
                            "prefix_blocks", "block_tokens", "session_id"})
 
 _AZURE_TIME = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?\s*(Z|[+-]\d{2}:?\d{2})?")
+    r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -90,7 +91,10 @@ def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror}", file=str(path)) from None
     with f:
-        for line_number, raw in enumerate(f, 1):
+        for line_number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_LINE_BYTES:  # read no further than the cap: a file with no newline is one line
+                raise InputError(f"line longer than {MAX_LINE_BYTES:,} bytes (is this a trace?)", file=str(path),
+                                 line=line_number)
             if line_number == 1 and raw.startswith(_UTF8_BOM):
                 raw = raw[len(_UTF8_BOM):]
             try:
@@ -107,6 +111,8 @@ def _parse_json(text: str, path: str | Path, line_number: int) -> dict:
     except json.JSONDecodeError as exc:
         raise InputError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=str(path),
                          line=line_number) from None
+    except RecursionError:  # [[[[... thousands deep
+        raise InputError("not usable JSON (nested too deep)", file=str(path), line=line_number) from None
     except ValueError as exc:  # an integer of thousands of digits
         raise InputError(f"not usable JSON ({str(exc).split(';')[0]})", file=str(path), line=line_number) from None
     if not isinstance(row, dict):
@@ -312,7 +318,7 @@ def _azure_time(line: _Line) -> tuple[int, float]:
     except ValueError:
         raise line.error("TIMESTAMP", f"not a valid date and time: '{text}'") from None
     whole = day_start + int(hour) * 3600 + int(minute) * 60 + int(second) - _zone_offset_s(zone)
-    return whole, float(f"0.{fraction}") if fraction else 0.0
+    return whole, float(f"0.{fraction[:9]}") if fraction else 0.0  # any digits; nanoseconds kept
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -34,7 +35,11 @@ def time_scaled(requests: Iterable[TraceRequest], k: float) -> Iterator[TraceReq
     if not k > 0:
         raise InputError(f"must be positive, got {k}", field="time_scale")
     for request in requests:
-        yield dataclasses.replace(request, arrival_s=request.arrival_s / k)
+        arrival = request.arrival_s / k
+        if not math.isfinite(arrival):
+            raise InputError(f"{k:g} is too small: an arrival at {request.arrival_s:g} s becomes {arrival} s",
+                             field="time_scale")
+        yield dataclasses.replace(request, arrival_s=arrival)
 
 
 def rebased(requests: Iterable[TraceRequest]) -> Iterator[TraceRequest]:
