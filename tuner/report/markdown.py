@@ -63,13 +63,15 @@ def facts_table(result: StudyResult) -> str:
 def front_markdown(result: StudyResult) -> str:
     shown = result.front + ([result.baseline] if result.baseline and result.baseline not in result.front else [])
     knobs = result.knobs_that_differ(shown)
+    slo = ["SLO"] if result.slo is not None else []  # without an SLO every point is "feasible"
     header = ["trial", "engine", "tok/s", *(f"{m} ms" for m in result.objectives.latency), "goodput req/s",
-              "SLO", *knobs]
+              *slo, *knobs]
     rows = []
     for p in shown:
         rows.append([f"{p.number} (defaults)" if p.baseline else str(p.number), p.engine,
                      _num(p.value(THROUGHPUT)), *(_num(p.value(m), 1) for m in result.objectives.latency),
-                     _goodput(result, p), "ok" if p.feasible else "miss", *(p.config.get(k, "-") for k in knobs)])
+                     _goodput(result, p), *(["ok" if p.feasible else "miss"] if slo else []),
+                     *(p.config.get(k, "-") for k in knobs)])
     note = ("The row marked *(defaults)* is trial 0, the engine's own defaults (the baseline); "
             "it is shown even when it is not on the front.")
     return md_table(header, rows) + "\n\n" + note
@@ -182,7 +184,8 @@ def study_markdown(result: StudyResult, importances: Importances) -> str:
 def front_text(result: StudyResult) -> str:
     """The front and the baseline as an aligned plain-text table (console, pareto.txt)."""
     shown = result.front + ([result.baseline] if result.baseline else [])
-    return front_table(result.front, result.objectives, result.baseline, result.knobs_that_differ(shown))
+    return front_table(result.front, result.objectives, result.baseline, result.knobs_that_differ(shown),
+                       slo=result.slo is not None)
 
 
 def console_text(result: StudyResult, importances: Importances) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,20 +62,31 @@ def pick(points: list[Point], objectives: Objectives, prefer: str = "throughput"
     return max(feasible, key=lambda p: (p.value(THROUGHPUT), -p.value(objectives.latency[0])))
 
 
-def front_table(front: list[Point], objectives: Objectives, baseline: Point | None, knobs: list[str]) -> str:
-    header = ["trial", "engine", "tok/s", *objectives.latency, "goodput", "SLO", *knobs]
-    rows = []
+def front_table(front: list[Point], objectives: Objectives, baseline: Point | None, knobs: list[str],
+                slo: bool = True, width: int = 120) -> str:
+    """The front as a console table; knobs go in lines under it when their columns would pass `width`;
+    the SLO column only when an SLO was given (without one every point is "feasible")."""
+    header = ["trial", "engine", "tok/s", *objectives.latency, "goodput", *(["SLO"] if slo else [])]
+    rows, settings = [], []
     shown = front + ([baseline] if baseline is not None and baseline not in front else [])
     for p in shown:
         mark = "*" if p.baseline else ""
         rows.append([f"{p.number}{mark}", p.engine, f"{p.value(THROUGHPUT):.0f}",
                      *(f"{p.value(m):.1f}" for m in objectives.latency),
                      "-" if p.summary.get("goodput") is None else f"{p.summary['goodput']:.2f}",
-                     "ok" if p.feasible else "miss",
-                     *(str(p.config.get(k, "-")) for k in knobs)])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+                     *(["ok" if p.feasible else "miss"] if slo else [])])
+        settings.append([str(p.config.get(k, "-")) for k in knobs])
+
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+
+    lines = table(header + knobs, [r + s for r, s in zip(rows, settings)])
+    if max(map(len, lines)) > width:
+        lines = table(header, rows)
+        for row, values in zip(rows, settings):
+            lines += textwrap.wrap(" ".join(f"{k}={v}" for k, v in zip(knobs, values)), width,
+                                   initial_indent=f"  trial {row[0]}: ", subsequent_indent="      ")
     if baseline is not None:
         lines.append("(* = the engine's defaults, the baseline; latencies in ms, goodput in req/s under the SLO)")
     return "\n".join(lines)

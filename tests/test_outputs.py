@@ -1,0 +1,68 @@
+"""What a study leaves behind: a console front that fits, an SLO column only with an SLO, offline HTML,
+a PNG legend that hides no point."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tuner.study.objectives import Objectives
+from tuner.study.pareto import Point, front_table
+from tuner.tracking.plots import pareto_html, pareto_png
+
+KNOBS = {"max_num_seqs": 128, "max_num_batched_tokens": 8192, "enable_prefix_caching": True,
+         "gpu_memory_utilization": 0.9, "enable_chunked_prefill": True, "kv_cache_dtype": "fp8_e4m3",
+         "attention_backend": "FLASH_ATTN", "cuda_graph_sizes": 512, "block_size": 32}
+
+
+def _point(number: int, tok_s: float, ttft: float, tpot: float, baseline: bool = False) -> Point:
+    summary = {"output_throughput": tok_s, "p99_ttft_ms": ttft, "p99_tpot_ms": tpot, "goodput": None}
+    config = {k: (v if not baseline else "-") for k, v in KNOBS.items()}
+    return Point(number=number, engine="vllm", config=config, summary=summary, command=["vllm", "serve"],
+                 feasible=True, baseline=baseline)
+
+
+POINTS = [_point(0, 900, 300, 30, baseline=True), _point(3, 1500, 450, 25), _point(5, 1200, 250, 40)]
+
+
+def test_front_without_slo_has_no_slo_column_and_fits_120_columns():
+    text = front_table(POINTS[1:], Objectives(), POINTS[0], list(KNOBS), slo=False)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 120, text
+    assert "SLO" not in lines[0] and " ok" not in text
+    # the knobs moved under the table, none lost
+    assert "trial 3: max_num_seqs=128" in text and "block_size=32" in text
+    with_slo = front_table(POINTS[1:], Objectives(), POINTS[0], ["max_num_seqs"], slo=True)
+    assert with_slo.splitlines()[0].split()[-2:] == ["SLO", "max_num_seqs"] and " ok " in with_slo
+
+
+def test_pareto_html_carries_plotly_and_opens_offline(tmp_path):
+    path = pareto_html(POINTS, POINTS[1:], Objectives(), tmp_path / "pareto.html", "t")
+    text = path.read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", text)  # no script fetched from anywhere
+    assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js itself is inside
+    assert path.stat().st_size < 10_000_000
+
+
+def test_pareto_png_legend_lies_outside_the_axes(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    original = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        fig.canvas.draw()
+        legend = fig.legends[0].get_window_extent()
+        captured["overlaps"] = [legend.overlaps(ax.get_window_extent()) for ax in fig.axes]
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        path = pareto_png(POINTS, POINTS[1:], Objectives(), tmp_path / "pareto.png", "t")
+    finally:
+        plt.Figure.savefig = original
+    assert Path(path).stat().st_size > 10_000
+    assert captured["overlaps"] == [False, False]  # one axes per latency objective, none under the legend
