@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 
 from tuner.errors import InputError
-from tuner.report.results import StudyResult, load_result
+from tuner.report.results import STOPPED, StudyResult, load_result
 from tuner.study.objectives import THROUGHPUT
 from tuner.study.pareto import completed_points
 from tuner.sweep.compare import coefficient_of_variation, learned_threshold
@@ -98,7 +98,9 @@ def cell_result(cell: Cell, result: StudyResult, report: Path, repeats: list) ->
     out = CellResult(id=cell.id, study=result.name, model=cell.model, workload=cell.workload.name,
                      engine=cell.engine, gpu=cell.gpu, gpus=cell.gpus, simulated=cell.engine == "sim",
                      status="ok" if result.points else "no trial completed", trials_completed=len(result.points),
-                     trials_failed=len(result.issues), trials_rejected=sum(result.rejected.values()),
+                     trials_failed=sum(not i.cause.startswith(STOPPED) for i in result.issues),
+                     trials_stopped=sum(i.cause.startswith(STOPPED) for i in result.issues),
+                     trials_rejected=sum(result.rejected.values()),
                      first_latency=result.first_latency,
                      report=str(report))
     if result.points:
