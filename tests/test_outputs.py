@@ -66,3 +66,28 @@ def test_pareto_png_legend_lies_outside_the_axes(tmp_path):
         plt.Figure.savefig = original
     assert Path(path).stat().st_size > 10_000
     assert captured["overlaps"] == [False, False]  # one axes per latency objective, none under the legend
+
+
+def test_schedule_after_a_resume_shows_the_earlier_runs_trials(tmp_path):
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from tuner.runner.campaign import Campaign, TrialSpan, gantt_png, with_earlier_trials
+
+    def stored(number: int, start: float, ok: bool = True) -> optuna.trial.FrozenTrial:
+        return create_trial(state=TrialState.COMPLETE if ok else TrialState.FAIL, values=[1.0] if ok else None,
+                             user_attrs={"gpus": 1, "gpu_ids": ["0"], "node": "n", "started_at": start,
+                                         "ended_at": start + 30, "ready_s": 10.0, "measure_s": 15.0})
+
+    earlier = [stored(0, 1000.0), stored(1, 1040.0, ok=False)]
+    for number, trial in enumerate(earlier):
+        trial.number = number
+    now = Campaign(gpus=1, started_at=2000.0, ended_at=2100.0,
+                   spans=[TrialSpan(number=2, gpus=1, gpu_ids=("0",), node_id="n", started_at=2001.0, ready_s=5.0,
+                                    measure_s=20.0, ended_at=2050.0, ok=True)])
+    everything = with_earlier_trials(now, earlier)
+    assert [s.number for s in everything.spans] == [0, 1, 2]
+    assert everything.started_at == 1000.0 and everything.ended_at == 2100.0
+    assert [s.ok for s in everything.spans] == [True, False, True] and everything.spans[0].ready_s == 10.0
+    assert with_earlier_trials(now, []) is now
+    assert gantt_png(everything, tmp_path / "schedule.png", "t").stat().st_size > 5_000

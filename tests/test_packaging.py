@@ -53,6 +53,7 @@ def test_wheel_installs_and_tunes_from_another_directory(tmp_path):
                  "--gpus", "1", "--trials", "1", "--sim-time-scale", "10", "--engine-arg=--startup-seconds 1",
                  "--study-name", "wheel"], elsewhere, env, 400)
     assert "tune sim-serve" in done.stdout, done.stdout[-2000:]
+    assert "Token authentication is enabled" not in done.stdout + done.stderr  # Ray's banner is silenced
     runs = elsewhere / "servetune-runs"
     study = optuna.load_study(study_name="wheel", storage=f"sqlite:///{runs / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]

@@ -21,7 +21,7 @@ from tuner.errors import InputError
 from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO
 from tuner.models.shapes import ModelShape
-from tuner.runner.campaign import Campaign, TrialSpan, gantt_png
+from tuner.runner.campaign import Campaign, TrialSpan, gantt_png, with_earlier_trials
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
 from tuner.space.knobs import SearchSpace, load_space
@@ -477,7 +477,7 @@ class Tuner:
             if self.stopped:
                 self.say(f"{self.stopped} trial(s) stopped early (SLO certainly lost, beaten, or screened out); "
                          f"about {self.saved_gpu_s:.1f} GPU-s of replay not run (against the defaults' full replay)")
-        self._report_campaign()
+        self._report_campaign(study)
         return study
 
     def _propose(self, study: optuna.Study, largest_node: int) -> _Proposal | None:
@@ -561,7 +561,8 @@ class Tuner:
         if outcome is not None:
             clock = get_engine(spec.engine).clock_scale(spec.launch)
             measure_s = (outcome.summary.get("duration_s") or 0.0) / clock
-            attrs.update(started_at=outcome.started_at, ended_at=outcome.ended_at, measure_s=round(measure_s, 3))
+            attrs.update(started_at=outcome.started_at, ended_at=outcome.ended_at, measure_s=round(measure_s, 3),
+                         ready_s=round(outcome.ready_s, 3))
             self.campaign.spans.append(TrialSpan(
                 number=spec.number, gpus=gpus, gpu_ids=where.gpu_ids if where else (), node_id=attrs["node"],
                 started_at=outcome.started_at, ready_s=outcome.ready_s, measure_s=measure_s,
@@ -663,14 +664,15 @@ class Tuner:
                      f"{finished.spec.label}: {text}")
         return done
 
-    def _report_campaign(self) -> None:
+    def _report_campaign(self, study: optuna.Study) -> None:
         campaign = self.campaign
         if not campaign.spans:
             return
         campaign.ended_at = max(time.time(), max(s.ended_at for s in campaign.spans))
         campaign.write_json(self.run_dir / "campaign.json")
-        title = f"{self.options.study_name}: schedule of {len(campaign.spans)} trials on {campaign.gpus} GPU(s)"
-        png = gantt_png(campaign, self.run_dir / "schedule.png", title)
+        everything = with_earlier_trials(campaign, study.get_trials(deepcopy=False))  # across resumes
+        title = f"{self.options.study_name}: schedule of {len(everything.spans)} trials on {campaign.gpus} GPU(s)"
+        png = gantt_png(everything, self.run_dir / "schedule.png", title)
         s = campaign.summary()
         self.say(f"\ncampaign: {s['trials']} trials in {_fmt_duration(s['wall_s'])} on {s['gpus']} GPU(s); "
                  f"GPU utilisation {s['utilisation']:.2f} (measuring / held), GPUs inside trials "
