@@ -68,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv = ["run", *argv]
-    args = build_parser().parse_args(argv)
     try:
+        # a subcommand may rewrite its own arguments first (sim-serve's --config FILE becomes flags)
+        expand = getattr(importlib.import_module(SUBCOMMANDS[argv[0]][0]), "expand_argv", None) \
+            if argv[0] in SUBCOMMANDS else None
+        if expand is not None:
+            argv = [argv[0], *expand(argv[1:])]
+        args = build_parser().parse_args(argv)
         return int(importlib.import_module(args._module).run(args) or 0)
     except InputError as exc:
         print(f"tune: error: {exc}", file=sys.stderr)

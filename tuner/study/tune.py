@@ -254,6 +254,7 @@ class Tuner:
                  "model": self.options.model, "workload": str(self.options.workload),
                  "workload_digest": self.options.workload_digest, "gpus": self.options.gpus,
                  "slo": str(self.options.slo) if self.options.slo else "",
+                 "engine_args": list(self.options.engine_args),  # exports drop the machine-specific ones
                  "spaces": {e: s.source for e, s in self.spaces.items()}}
         for key, value in attrs.items():
             study.set_user_attr(key, value)
