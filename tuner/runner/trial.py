@@ -17,6 +17,7 @@ from tuner.hardware.inventory import used_memory_mib, wait_memory_back
 from tuner.loadgen.replay import BenchConfig, chain, run_bench_sync
 from tuner.loadgen.metrics import write_results
 from tuner.loadgen.slo import SLO
+from tuner.runner.progress import PROGRESS_FILE, ProgressWriter
 from tuner.runner.server import ManagedServer, ServerFailed, free_port
 from tuner.space.knobs import SearchSpace
 from tuner.workload.request import TraceRequest
@@ -146,7 +147,9 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     hang = _HangWatch(spec.hang_timeout_s / server_spec.clock_scale)
     visible = [int(i) for i in outcome.cuda_visible_devices.split(",") if i.strip().isdigit()]
     memory_before = used_memory_mib(visible) if spec.engine != "sim" else {}
+    progress = ProgressWriter(trial_dir / PROGRESS_FILE, spec.number, spec.label, spec.slo, server_spec.clock_scale)
     try:
+        progress.starting()
         server.start()
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
         config = BenchConfig(url=server_spec.url, model=server_spec.served_model_name, endpoint=spec.endpoint,
@@ -161,7 +164,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
                 raise ServerFailed(FailureClass.HANG if hang.hung else FailureClass.CRASH,
                                    "the server stopped answering during the load search")
             return outcome
-        result = run_bench_sync(config, spec.requests, on_progress=chain(hang, *spec.watchers))
+        result = run_bench_sync(config, spec.requests, on_progress=chain(hang, progress, *spec.watchers))
         outcome.watchers = spec.watchers
         stopper = next((w for w in spec.watchers if getattr(w, "decision", None) is not None), None)
         if result.stopped_early and stopper is not None and not hang.hung:
@@ -191,6 +194,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     except ServerFailed as exc:
         outcome.failure, outcome.message = exc.failure, exc.message
     finally:
+        progress.done()
         exit_code = server.stop()
         scrub_secret(server.log_path, launch.api_key)
         outcome.port_released = server.wait_port_released(launch.host, port)

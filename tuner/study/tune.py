@@ -22,6 +22,7 @@ from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO
 from tuner.models.shapes import ModelShape
 from tuner.runner.campaign import Campaign, TrialSpan, gantt_png, with_earlier_trials
+from tuner.runner.progress import LiveLines, eta_s
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
 from tuner.space.knobs import SearchSpace, load_space
@@ -47,6 +48,7 @@ MAX_REJECTED_PER_TRIAL = 50
 # a model of the loop: smaller values drain GPUs for large trials more often.
 LOOKAHEAD_PER_GPU = 2
 PASS_OVER_PER_GPU = 2
+LIVE_REFRESH_S = 2.0  # the loop wakes this often to redraw the running trials' live lines
 
 
 @dataclass
@@ -213,6 +215,7 @@ class Tuner:
         self.tracker = None
         self.started = time.monotonic()
         self.trial_wall: list[float] = []
+        self.live, self.slots = LiveLines(), 1  # live lines of running trials; most trials seen running at once
         self.measured = 0
         self.avoided = 0  # proposals the feasibility model kept off the GPUs
         self.halving = SuccessiveHalving(eta=options.eta)
@@ -276,7 +279,14 @@ class Tuner:
     # --- output ------------------------------------------------------------------------------
     def say(self, text: str) -> None:
         if not self.options.quiet:
+            self.live.clear()
             print(text, flush=True)
+
+    def _show_live(self, pool: TrialPool) -> None:
+        """One line per running trial, from the progress files the trials write (tuner.runner.progress)."""
+        self.slots = max(self.slots, len(pool))
+        if not self.options.quiet:
+            self.live.show([item.spec.out_dir / item.spec.run_name for item in pool.running.values()])
 
     def _progress(self, study: optuna.Study, number: int, outcome_text: str, total: int) -> None:
         done = _finished(study)
@@ -284,10 +294,8 @@ class Tuner:
         best = pick(points, self.options.objectives)
         best_text = (f"best {best.value('output_throughput'):.0f} tok/s (#{best.number})" if best
                      else "no feasible trial yet")
-        eta = ""
-        if self.trial_wall and total:
-            per_trial = (time.monotonic() - self.started) / max(1, self.measured)
-            eta = f" | ETA {_fmt_duration(per_trial * max(0, total - done))}"
+        left = eta_s([s for s in self.trial_wall if s > 0], total - done, self.slots) if total else None
+        eta = f" | ETA {_fmt_duration(left)}" if left is not None else ""
         self.say(f"[{done}/{total or '?'}] trial {number}: {outcome_text} | {best_text}{eta}")
 
     # --- trials ------------------------------------------------------------------------------
@@ -541,7 +549,8 @@ class Tuner:
             if not pool.wait_for_room(min((p.need for p in pending), default=1)):
                 self.say("waiting for GPUs that other jobs on the Ray cluster hold")
             return
-        finished = pool.wait_one(timeout_s=5.0 if pool.shared_cluster else None)
+        self._show_live(pool)
+        finished = pool.wait_one(timeout_s=5.0 if pool.shared_cluster else LIVE_REFRESH_S)
         if finished is None:
             return
         self._record_placement(study, finished)
@@ -562,8 +571,7 @@ class Tuner:
         if outcome is not None:
             clock = get_engine(spec.engine).clock_scale(spec.launch)
             measure_s = (outcome.summary.get("duration_s") or 0.0) / clock
-            attrs.update(started_at=outcome.started_at, ended_at=outcome.ended_at, measure_s=round(measure_s, 3),
-                         ready_s=round(outcome.ready_s, 3))
+            attrs.update(started_at=outcome.started_at, ended_at=outcome.ended_at, measure_s=round(measure_s, 3))
             self.campaign.spans.append(TrialSpan(
                 number=spec.number, gpus=gpus, gpu_ids=where.gpu_ids if where else (), node_id=attrs["node"],
                 started_at=outcome.started_at, ready_s=outcome.ready_s, measure_s=measure_s,
