@@ -204,6 +204,7 @@ class Tuner:
 
     def __init__(self, options: TuneOptions) -> None:
         self.options = options
+        self.live, self.slots = LiveLines(), 1  # live lines of running trials; most trials seen running at once
         self.spaces = build_spaces(options)
         self.engine_versions: dict[str, str] = {}
         for engine, space in self.spaces.items():
@@ -215,7 +216,6 @@ class Tuner:
         self.tracker = None
         self.started = time.monotonic()
         self.trial_wall: list[float] = []
-        self.live, self.slots = LiveLines(), 1  # live lines of running trials; most trials seen running at once
         self.measured = 0
         self.avoided = 0  # proposals the feasibility model kept off the GPUs
         self.halving = SuccessiveHalving(eta=options.eta)
