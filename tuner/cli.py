@@ -27,8 +27,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, False, [], argparse.SUPPRESS)
-                or not action.option_strings):
+        unset = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS  # (0 is a default worth showing; False is a plain switch)
+        if "default" in text or unset or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
