@@ -322,6 +322,7 @@ def _tune_on(cluster: Cluster, tmp_path: Path, name: str, storage: str, *extra: 
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_study_on_a_two_node_cluster_uses_both_nodes(tmp_path, two_node_cluster):
     journal = tmp_path / "shared" / "optuna.log"
     storage = f"journal://{journal}"
@@ -344,6 +345,7 @@ def test_study_on_a_two_node_cluster_uses_both_nodes(tmp_path, two_node_cluster)
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_lost_node_mid_trial_requeues_its_trial_on_the_other_node(tmp_path, two_node_cluster):
     storage = f"journal://{tmp_path / 'shared' / 'optuna.log'}"
     prefix = "servetune:node-loss:trial-"

@@ -16,7 +16,7 @@ from tuner.export.command import load_study
 from tuner.records.pareto import completed_points
 
 VLLM_PYTHON = os.environ.get("SERVETUNE_VLLM_PYTHON")
-pytestmark = [pytest.mark.vllm_cpu, pytest.mark.slow,
+pytestmark = [pytest.mark.vllm_cpu, pytest.mark.slow, pytest.mark.serial,
               pytest.mark.skipif(not VLLM_PYTHON, reason="SERVETUNE_VLLM_PYTHON is not set")]
 
 SPACE = """\

@@ -26,6 +26,7 @@ from tuner.workload.request import TraceRequest
 VLLM_PYTHON = os.environ.get("SERVETUNE_VLLM_PYTHON", "")
 pytestmark = [
     pytest.mark.vllm_cpu,
+    pytest.mark.serial,
     pytest.mark.skipif(not (VLLM_PYTHON and os.access(VLLM_PYTHON, os.X_OK)),
                        reason="set SERVETUNE_VLLM_PYTHON to the python of .ci/install-vllm-cpu.sh"),
 ]

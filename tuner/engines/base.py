@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import subprocess
@@ -135,7 +136,7 @@ class Engine(ABC):
     image: ClassVar[str] = ""  # the official container image (empty: no container export)
     port: ClassVar[int] = 8000  # the port it listens on by default, and in its container
     model_flag: ClassVar[str] = ""  # the flag before the model in `serve_command` (empty: positional)
-    space_file: ClassVar[str] = ""  # its search space when not search_spaces/<name>.yaml
+    space_file: ClassVar[str] = ""  # its search space when not tuner/search_spaces/<name>.yaml
 
     name: str = ""
     package: str = ""  # the Python package the engine ships as, asked for its version
@@ -238,20 +239,8 @@ class Engine(ABC):
         return Outcome.CRASH
 
     def engine_metrics(self, prometheus_text: str) -> dict[str, float]:
-        """The engine's own counters and gauges worth logging, prefix stripped."""
-        values: dict[str, float] = {}
-        prefix = self.metrics_prefix
-        for line in prometheus_text.splitlines():
-            if not line.startswith(prefix) or line.startswith("#"):
-                continue
-            name_part, _, value = line.rpartition(" ")
-            name = name_part.split("{", 1)[0][len(prefix):]
-            if name.endswith(("_bucket", "_created")):
-                continue
-            try:
-                values[name] = values.get(name, 0.0) + float(value)
-            except ValueError:
-                continue
+        """The engine's own counters and gauges worth logging, prefix stripped (see aggregate_metrics)."""
+        values = aggregate_metrics(prometheus_text, self.metrics_prefix)
         values.update(self.derived_metrics(values))
         return values
 
@@ -259,6 +248,38 @@ class Engine(ABC):
         """Ratios every engine reports under the same names (`spec_decode_acceptance_rate`,
         `spec_decode_mean_accepted_length`, `prefix_cache_hit_rate`), from its own counters."""
         return {}
+
+
+def aggregate_metrics(prometheus_text: str, prefix: str) -> dict[str, float]:
+    """One value per sample name under `prefix` (stripped), across label sets (one per engine or data-parallel
+    rank): counters, histogram sums/counts and untyped samples are summed; a gauge (KV usage, requests running)
+    is averaged, with `<name>_max` beside it when there are several label sets. Timestamps are not values."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, list[float]] = {}
+    gauges: set[str] = set()
+    try:
+        for family in text_string_to_metric_families(prometheus_text):
+            if not family.name.startswith(prefix):
+                continue
+            for sample in family.samples:
+                name = sample.name[len(prefix):]
+                if name.endswith(("_bucket", "_created")) or math.isnan(sample.value):
+                    continue
+                sums.setdefault(name, []).append(float(sample.value))
+                if family.type == "gauge":
+                    gauges.add(name)
+    except ValueError:  # a malformed line ends the parse; what came before it is kept
+        pass
+    values: dict[str, float] = {}
+    for name, samples in sums.items():
+        if name in gauges:
+            values[name] = sum(samples) / len(samples)
+            if len(samples) > 1:
+                values[f"{name}_max"] = max(samples)
+        else:
+            values[name] = sum(samples)
+    return values
 
 
 def patterns(*pairs: tuple[Outcome, str]) -> list[FailurePattern]:

@@ -1,5 +1,5 @@
 """Engine adapters by name: `@register_engine("vllm")` on an adapter class is all a new engine needs
-(with its search space, `search_spaces/<name>.yaml` or the adapter's `space_file`)."""
+(with its search space, `tuner/search_spaces/<name>.yaml` or the adapter's `space_file`)."""
 
 from __future__ import annotations
 

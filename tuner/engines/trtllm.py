@@ -5,7 +5,7 @@ come from its source (tensorrt_llm/commands/serve.py, llmapi/llm_args.py), not f
 
 Knobs that trtllm-serve takes as flags render as flags; the rest (KV-cache dtype, block reuse,
 CUDA graphs, attention backend, speculative decoding) go to the LLM-API options file it reads with
---extra_llm_api_options (knobs with `option:` in search_spaces/trtllm.yaml).
+--extra_llm_api_options (knobs with `option:` in tuner/search_spaces/trtllm.yaml).
 """
 
 from __future__ import annotations

@@ -41,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "yaml":
         print(yaml_config(point, options_file(study, point)), end="")
     else:
-        from tuner.export.deploy import container_for, docker_line, k8s_manifest, local_model_note
+        from tuner.export.deploy import container_for, docker_line, dropped_note, k8s_manifest, local_model_note
 
         container = container_for(point, study, model=args.model, image=args.image, name=args.name)
-        local_note = local_model_note(container)
-        if local_note:
-            print(local_note, file=sys.stderr)
+        for note in (local_model_note(container), dropped_note(container)):
+            if note:
+                print(note, file=sys.stderr)
         print(k8s_manifest(container) if args.format == "k8s" else docker_line(container),
               end="" if args.format == "k8s" else "\n")
     return 0

@@ -20,6 +20,9 @@ from tuner.errors import InputError
 from tuner.space.constraints import gpus_needed
 from tuner.records.pareto import Point
 
+# study-wide --engine-arg flags that suit the tuning machine (a CPU, a small test GPU), not a GPU deployment:
+# flag -> the value that marks it so (None: any value, or none)
+MACHINE_SPECIFIC = {"--enforce-eager": None, "--kv-cache-memory-bytes": None, "--distributed-executor-backend": "uni"}
 HF_CACHE_VOLUME = '-v "$HOME/.cache/huggingface:/root/.cache/huggingface"'  # $HOME expands in the user's shell
 
 
@@ -35,6 +38,7 @@ class Container:
     model: str
     study: str
     trial: int
+    dropped: tuple[str, ...] = ()  # machine-specific engine args left out (warn about them)
 
 
 def split_serve_command(point: Point) -> tuple[str, list[str]]:
@@ -64,6 +68,33 @@ def _without_dummy_weights(flags: list[str]) -> list[str]:
     return out
 
 
+def _machine_specific(words: list[str], keep: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(kept, dropped) of a list of engine args; flags in `keep` stay."""
+    kept, dropped, i = [], [], 0
+    while i < len(words):
+        flag, _, inline = words[i].partition("=")
+        takes_value = (not inline and flag != "--enforce-eager" and i + 1 < len(words)
+                       and not words[i + 1].startswith("-"))
+        size = 2 if takes_value else 1
+        value = inline or (words[i + 1] if takes_value else None)
+        if flag in MACHINE_SPECIFIC and flag not in keep and MACHINE_SPECIFIC[flag] in (None, value):
+            dropped.append(shlex.join(words[i:i + size]))
+        else:
+            kept += words[i:i + size]
+        i += size
+    return kept, dropped
+
+
+def without_machine_args(flags: list[str], study_args: list[str] | None) -> tuple[list[str], list[str]]:
+    """Every trial's command ends with the study's --engine-arg words (`study_args`): the machine-specific
+    ones among them are dropped. A study that did not store them: only flags that are never knobs
+    (--enforce-eager may be the cuda_graphs knob's)."""
+    if study_args and flags[-len(study_args):] == study_args:
+        kept, dropped = _machine_specific(study_args)
+        return flags[:-len(study_args)] + kept, dropped
+    return _machine_specific(flags, keep=("--enforce-eager",))
+
+
 def _dns_name(text: str) -> str:
     name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].rstrip("-")
     return name or "llm-server"
@@ -80,13 +111,15 @@ def container_for(point: Point, study: optuna.Study, model: str | None = None, i
     if model and model != recorded_model:
         flags = _without_dummy_weights(flags)  # a model shape was tuned; the real model has real weights
     model = model or recorded_model
+    flags, dropped = without_machine_args(flags, study.user_attrs.get("engine_args"))
     version = (study.user_attrs.get("engine_versions") or {}).get(point.engine)
     tag = f"v{version}" if version and version[:1].isdigit() else "latest"
     command, args = adapter.container(model)
     args = [*args, *flags]
     return Container(engine=point.engine, name=_dns_name(name or f"{point.engine}-{Path(model).name}"),
                      image=image or f"{adapter.image}:{tag}", command=command, args=args, port=adapter.port,
-                     gpus=gpus_needed(point.config), model=model, study=study.study_name, trial=point.number)
+                     gpus=gpus_needed(point.config), model=model, study=study.study_name, trial=point.number,
+                     dropped=tuple(dropped))
 
 
 def local_model_note(container: Container) -> str | None:
@@ -94,6 +127,20 @@ def local_model_note(container: Container) -> str | None:
         return (f"note: the model is a local path ({container.model}); pass --model HUB_ID, "
                 "or mount that folder into the container")
     return None
+
+
+def dropped_note(container: Container) -> str | None:
+    if not container.dropped:
+        return None
+    return (f"note: left out engine args that suit the tuning machine, not a GPU deployment: "
+            f"{' '.join(container.dropped)} (add them to the args by hand if you mean them)")
+
+
+class _NoAliases(yaml.SafeDumper):
+    """Plain YAML for kubectl and reviewers: a mapping used twice is written twice, not as &id001 / *id001."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
 
 def k8s_manifest(c: Container) -> str:
@@ -134,7 +181,7 @@ def k8s_manifest(c: Container) -> str:
     }
     header = (f"# servetune: study {c.study}, trial {c.trial} ({c.engine}); {c.gpus} GPU(s)\n"
               "# optional: kubectl create secret generic hf-token --from-literal=token=$HF_TOKEN\n")
-    return header + yaml.safe_dump_all([deployment, service], sort_keys=False)
+    return header + yaml.dump_all([deployment, service], Dumper=_NoAliases, sort_keys=False)
 
 
 def docker_line(c: Container) -> str:

@@ -7,6 +7,8 @@ import os
 import re
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-request timeout in seconds (default 600)")
     parser.add_argument("--out", metavar="DIR", help="results folder (default servetune-runs/bench-<time>/)")
     parser.add_argument("--seed", type=int, default=0, help="prompt synthesis seed (default 0)")
+    parser.add_argument("--wait-ready", type=_positive(float), metavar="S",
+                        help="first wait up to S seconds for the server to answer /v1/models (or /health)")
 
 
 def _api_key(var: str | None) -> str | None:
@@ -82,6 +86,27 @@ class _ProgressLine:
               f"{snap.in_flight} in flight, {snap.elapsed_s:.0f} s elapsed{p99}",
               file=sys.stderr, flush=True)
         return False
+
+
+def wait_ready(url: str, timeout_s: float, api_key: str | None = None, poll_s: float = 0.5) -> float:
+    """Poll /v1/models, then /health, until one answers 200; the seconds waited. InputError on timeout."""
+    started = time.monotonic()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    last = "no answer"
+    while True:
+        for path in ("/v1/models", "/health"):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + path, headers=headers),
+                                            timeout=max(poll_s, 1.0)) as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except urllib.error.HTTPError as exc:
+                last = f"{path} answered {exc.code}"
+            except (OSError, ValueError) as exc:
+                last = str(getattr(exc, "reason", exc))
+        if time.monotonic() - started >= timeout_s:
+            raise InputError(f"server at {url} not ready after {timeout_s:g} s ({last})", field="--wait-ready")
+        time.sleep(poll_s)
 
 
 def _ms(value: float | None) -> str:
@@ -152,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
     )
     # --time-scale goes to the replay, not the loader: --seconds counts trace time either way
     requests = load_workload(args.workload, args.trace_format, args.rows, args.seconds)
+    if args.wait_ready:
+        waited = wait_ready(config.url, args.wait_ready, config.api_key)
+        print(f"bench: server ready after {waited:.1f} s", file=sys.stderr, flush=True)
     out_dir = Path(args.out or f"servetune-runs/bench-{datetime.now():%Y%m%d-%H%M%S}")
     mode = f"closed loop, {config.concurrency} in flight" if config.concurrency else "open loop"
     print(f"bench: {len(requests)} requests to {config.url} ({mode})", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ less load than the servers take (they all finish at the offered rate), objective
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,24 +111,35 @@ def pick(points: list[Point], objectives: Objectives, prefer: str = "throughput"
     return top
 
 
-def front_table(front: list[Point], objectives: Objectives, baseline: Point | None, knobs: list[str]) -> str:
-    """Goodput first when the trials were judged against an SLO; GPUs per trial where they differ."""
+def front_table(front: list[Point], objectives: Objectives, baseline: Point | None, knobs: list[str],
+                slo: bool | None = None, width: int = 120) -> str:
+    """The front as a console table: goodput and the SLO column first when the trials were judged against an
+    SLO (`slo`; by default when their summaries name one), GPUs per trial where they differ; the knobs go in
+    lines under the table when their columns would pass `width`."""
     shown = front + ([baseline] if baseline is not None and baseline not in front else [])
-    with_slo = any(p.summary.get("slo") for p in shown)
+    with_slo = any(p.summary.get("slo") for p in shown) if slo is None else slo
     several = len({p.gpus for p in shown}) > 1
     header = ["trial", "engine", *(["goodput", "SLO"] if with_slo else []), *(["GPUs"] if several else []),
-              "tok/s", *objectives.latency, *knobs]
-    rows = []
+              "tok/s", *objectives.latency]
+    rows, settings = [], []
     for p in shown:
         goodput = p.summary.get("goodput")
         slo_cells = ["-" if goodput is None else f"{goodput:.2f}", "ok" if p.feasible else "miss"]
         rows.append([f"{p.number}{'*' if p.baseline else ''}{'!' if p.unreliable else ''}", p.engine,
                      *(slo_cells if with_slo else []), *([str(p.gpus)] if several else []),
-                     f"{p.value(THROUGHPUT):.0f}", *(f"{p.value(m):.1f}" for m in objectives.latency),
-                     *(str(p.config.get(k, "-")) for k in knobs)])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+                     f"{p.value(THROUGHPUT):.0f}", *(f"{p.value(m):.1f}" for m in objectives.latency)])
+        settings.append([str(p.config.get(k, "-")) for k in knobs])
+
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+
+    lines = table(header + knobs, [r + s for r, s in zip(rows, settings)])
+    if max(map(len, lines)) > width:
+        lines = table(header, rows)
+        for row, values in zip(rows, settings):
+            lines += textwrap.wrap(" ".join(f"{k}={v}" for k, v in zip(knobs, values)), width,
+                                   initial_indent=f"  trial {row[0]}: ", subsequent_indent="      ")
     notes = []
     if baseline is not None:
         notes.append("* = the engine's defaults")

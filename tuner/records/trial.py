@@ -144,6 +144,7 @@ class StudyRecord:
     finals: dict[str, dict[str, Any]] = field(default_factory=dict)  # trial number -> remeasured, capacity
     interrupted: list[int] = field(default_factory=list)  # trials a killed `tune` left running
     excluded: list[list[Any]] = field(default_factory=list)  # [knob, value, reason]: left the space
+    engine_args: list[str] = field(default_factory=list)  # every server's extra args (exports drop machine ones)
     offered_rate: float = 0.0  # the trace's requests per second (server clock), 0 when closed loop
 
     @classmethod

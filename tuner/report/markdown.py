@@ -195,7 +195,8 @@ def study_markdown(result: StudyResult, importances: Importances) -> str:
 def front_text(result: StudyResult) -> str:
     """The front and the baseline as an aligned plain-text table (console, pareto.txt)."""
     shown = result.front + ([result.baseline] if result.baseline else [])
-    return front_table(result.front, result.objectives, result.baseline, result.knobs_that_differ(shown))
+    return front_table(result.front, result.objectives, result.baseline, result.knobs_that_differ(shown),
+                       slo=result.slo is not None)
 
 
 def console_text(result: StudyResult, importances: Importances) -> str:

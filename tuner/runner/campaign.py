@@ -66,6 +66,29 @@ class Campaign:
         return path
 
 
+def with_earlier_trials(campaign: Campaign, trials: list) -> Campaign:
+    """This run's campaign plus the spans that earlier runs of the study stored on their trials (user attrs
+    `started_at`, `ended_at`, `ready_s`, `measure_s`, `gpu_ids`, `node`): the schedule of a resumed study
+    shows every trial, from the first run's start."""
+    seen = {span.number for span in campaign.spans}
+    earlier = []
+    for trial in trials:
+        attrs = trial.user_attrs
+        if trial.number in seen or "started_at" not in attrs or "ended_at" not in attrs:
+            continue
+        gpus = int(attrs.get("gpus", 1))
+        earlier.append(TrialSpan(number=trial.number, gpus=gpus,
+                                 gpu_ids=tuple(attrs.get("gpu_ids") or (str(i) for i in range(gpus))),
+                                 node_id=str(attrs.get("node", "")), started_at=float(attrs["started_at"]),
+                                 ready_s=float(attrs.get("ready_s", 0.0)), measure_s=float(attrs.get("measure_s", 0.0)),
+                                 ended_at=float(attrs["ended_at"]), ok=trial.state.name == "COMPLETE"))
+    if not earlier:
+        return campaign
+    spans = sorted(earlier + campaign.spans, key=lambda span: span.started_at)
+    return Campaign(gpus=campaign.gpus, started_at=min(campaign.started_at, spans[0].started_at),
+                    ended_at=campaign.ended_at, spans=spans)
+
+
 def gantt_png(campaign: Campaign, path: Path, title: str) -> Path:
     """One row per GPU (node, Ray GPU id); each trial a bar: start-up light, measuring dark, rest grey."""
     import matplotlib

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -60,6 +61,8 @@ def init_ray(address: str | None, gpus: int) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray's "Token authentication is enabled ..." banner on every run: the default stays, the banner goes
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
         check_reachable(address)

@@ -18,6 +18,7 @@ from tuner.hardware.inventory import used_memory_mib, wait_memory_back
 from tuner.loadgen.replay import BenchConfig, ReplayWatcher, chain, run_bench_sync, write_results
 from tuner.loadgen.slo import SLO
 from tuner.outcome import Outcome, missing_module
+from tuner.runner.progress import PROGRESS_FILE, ProgressWriter
 from tuner.runner.server import ManagedServer, ServerFailed, free_port
 from tuner.space.knobs import SearchSpace
 from tuner.workload.request import TraceRequest
@@ -146,7 +147,9 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     hang = _HangWatch(spec.hang_timeout_s / server_spec.clock_scale)
     visible = [int(i) for i in outcome.cuda_visible_devices.split(",") if i.strip().isdigit()]
     memory_before = used_memory_mib(visible) if engine.needs_gpu else {}
+    progress = ProgressWriter(trial_dir / PROGRESS_FILE, spec.number, spec.label, spec.slo, server_spec.clock_scale)
     try:
+        progress.starting()
         server.start()
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
         outcome.startup_phases = engine.startup_phases(server.log_text(), server.started_at, outcome.ready_s)
@@ -164,7 +167,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
                 raise ServerFailed(Outcome.HANG if hang.hung else Outcome.CRASH,
                                    "the server stopped answering during the load search")
             return outcome
-        result = run_bench_sync(config, spec.requests, on_progress=chain(hang, *spec.watchers))
+        result = run_bench_sync(config, spec.requests, on_progress=chain(hang, progress, *spec.watchers))
         outcome.watchers = spec.watchers
         decision = next((w.decision for w in spec.watchers if w.decision is not None), None)
         if result.stopped_early and decision is not None and not hang.hung:
@@ -193,6 +196,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     except ServerFailed as exc:
         outcome.failure, outcome.message = exc.failure, exc.message
     finally:
+        progress.done()
         exit_code = server.stop()
         scrub_secret(server.log_path, launch.api_key)
         remove_key_file(launch.api_key)

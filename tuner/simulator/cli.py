@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 
+from tuner.errors import InputError
 from tuner.simulator.config import (ATTENTION_BACKENDS, FAULTS, KV_CACHE_DTYPES, QUANTIZATIONS, SIM_ENGINES,
                                     SimConfig, parse_speculative_config, parse_token_count)
 from tuner.simulator.constants import PerfConstants, load_constants
@@ -19,7 +22,35 @@ def _token_count(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def expand_argv(argv: list[str]) -> list[str]:
+    """`--config FILE` (YAML of flag: value, as `tune export --format yaml` writes it) becomes flags put first,
+    so flags given on the command line win over the file (as with vLLM's --config)."""
+    if "--config" not in argv:
+        return argv
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        raise InputError("expected a YAML file", field="--config")
+    from tuner.yamlfile import read_yaml
+
+    path = Path(argv[at + 1])
+    _, data = read_yaml(path, "config file")
+    if not isinstance(data, dict):
+        raise InputError("must be a mapping of flag: value", file=str(path))
+    tokens: list[str] = []
+    for key, value in data.items():
+        flag = "--" + str(key).lstrip("-")
+        if value is True:
+            tokens.append(flag)
+        elif value is False:
+            tokens.append(f"--no-{flag[2:]}")
+        else:
+            tokens += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return tokens + argv[:at] + argv[at + 2:]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML of flag: value (as `tune export --format yaml` writes); flags given here win")
     sim = parser.add_argument_group("simulated hardware and model")
     sim.add_argument("--model-shape", default="llama-3.1-8b", metavar="NAME",
                      help="model shape preset (tuner/models/shapes.py), default llama-3.1-8b")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from importlib.resources import files
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from tuner.errors import InputError
 from tuner.yamlfile import read_yaml
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACES_DIR = Path(str(files("tuner") / "search_spaces"))  # package data: works from a wheel too
 _SPACE_FILES: dict[str, Path] = {}  # engine -> its YAML, where not SPACES_DIR/<engine>.yaml
 KNOB_TYPES = ("int", "float", "categorical", "bool")
 _KNOB_FIELDS = {"type", "choices", "low", "high", "log", "step", "default", "group", "when", "doc",

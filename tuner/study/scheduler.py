@@ -70,6 +70,8 @@ class Scheduler:
     deadline: float | None = None  # time.monotonic() after which nothing new launches
     lookahead: int | None = None  # proposals that may wait for GPUs; 1 = strict order (no packing)
     say: Callable[[str], None] = print
+    before_wait: Callable[[], None] = lambda: None  # e.g. redraw the running trials' live lines
+    wait_s: float | None = None  # wake this often while trials run (None: only when one finishes)
 
     def __post_init__(self) -> None:
         gpus = max(1, self.pool.total_gpus)
@@ -122,6 +124,7 @@ class Scheduler:
             if not self.pool.wait_for_room(min((p.need for p in self.pending), default=1)):
                 self.say("waiting for GPUs that other jobs on the Ray cluster hold")
             return
-        finished = self.pool.wait_one(timeout_s=5.0 if self.pool.shared_cluster else None)
+        self.before_wait()
+        finished = self.pool.wait_one(timeout_s=5.0 if self.pool.shared_cluster else self.wait_s)
         if finished is not None:
             self.collect(finished)

@@ -27,7 +27,8 @@ from tuner.outcome import Outcome
 from tuner.records.objectives import Objectives, default_objectives, slo_constraints
 from tuner.records.pareto import Point, completed_points, pick
 from tuner.records.storage import cluster_notes, open_storage
-from tuner.runner.campaign import Campaign, TrialSpan, gantt_png
+from tuner.runner.campaign import Campaign, TrialSpan, gantt_png, with_earlier_trials
+from tuner.runner.progress import LiveLines, eta_s
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
 from tuner.space.fit import drop_for_study, fit_to_model, preflight, unavailable_in
@@ -56,6 +57,9 @@ from tuner.workload.request import TraceRequest
 
 if TYPE_CHECKING:
     from tuner.runner.pool import Finished, TrialPool
+
+LIVE_REFRESH_S = 2.0  # the loop wakes this often to redraw the running trials' live lines
+
 
 @dataclass
 class TuneOptions:
@@ -202,6 +206,7 @@ class Tuner:
         self.objectives = options.objectives or default_objectives(options.slo, per_gpu=options.gpus > 1)
         if self.objectives.needs_slo and options.slo is None:
             raise InputError(f"objective {self.objectives.primary} needs an SLO: give --slo", field="objective")
+        self.live_lines, self.slots = LiveLines(), 1  # running trials' lines; most trials seen running at once
         self.spaces = build_spaces(options)
         self.engine_versions: dict[str, str] = {}
         for engine, space in self.spaces.items():
@@ -268,6 +273,7 @@ class Tuner:
                            workload=str(o.workload), workload_digest=o.workload_digest, gpus=o.gpus,
                            slo=str(o.slo) if o.slo else "", spaces={e: s.source for e, s in self.spaces.items()},
                            engine_versions=versions, offered_rate=self.offered_rate,
+                           engine_args=list(o.engine_args),  # exports drop the machine-specific ones
                            **({"gpu": o.gpu} if o.gpu else {}))
         recovered = session.recover_interrupted()
         if recovered:
@@ -296,10 +302,17 @@ class Tuner:
     # --- output ------------------------------------------------------------------------------
     def say(self, text: str) -> None:
         if not self.options.quiet:
+            self.live_lines.clear()
             print(text, flush=True)
 
     def _best(self) -> Point | None:
         return pick(completed_points(self._session.study), self.objectives, offered_rate=self.offered_rate)
+
+    def _show_live(self, pool: TrialPool) -> None:
+        """One line per running trial, from the progress files the trials write (tuner.runner.progress)."""
+        self.slots = max(self.slots, len(pool))
+        if not self.options.quiet:
+            self.live_lines.show([item.spec.out_dir / item.spec.run_name for item in pool.running.values()])
 
     def _progress(self, number: int, outcome_text: str, total: int) -> None:
         done = self._session.finished()
@@ -311,10 +324,8 @@ class Tuner:
             value = best.get(m.name)
             best_text = (f"best {'-' if value is None else f'{value:.4g}'} {m.unit} (#{best.number}"
                          f"{'' if best.feasible else ', misses SLO'})")
-        eta = ""
-        if self.trial_wall and total:
-            per_trial = (time.monotonic() - self.started) / max(1, self.measured)
-            eta = f" | ETA {_fmt_duration(per_trial * max(0, total - done))}"
+        left = eta_s([s for s in self.trial_wall if s > 0], total - done, self.slots) if total else None
+        eta = f" | ETA {_fmt_duration(left)}" if left is not None else ""
         self.say(f"[{done}/{total or '?'}] trial {number}: {outcome_text} | {best_text}{eta}")
 
     # --- trials ------------------------------------------------------------------------------
@@ -506,7 +517,8 @@ class Tuner:
             wanted=lambda in_flight: o.trials is None or session.finished() + in_flight < o.trials,
             put_back=lambda p: session.put_back(p.number),
             max_rejected=MAX_REJECTED_PER_TRIAL * max(1, o.trials or 1), deadline=deadline,
-            lookahead=self.lookahead, say=self.say)
+            lookahead=self.lookahead, say=self.say, before_wait=lambda: self._show_live(pool),
+            wait_s=LIVE_REFRESH_S)
         try:
             scheduler.run()
             self._finals(pool)
@@ -524,7 +536,7 @@ class Tuner:
                 self.say(f"{self.stopped} trial(s) stopped early (goodput bound below the best, SLO lost once "
                          f"another met it, or screened out); about {self.saved_gpu_s:.1f} GPU-s of replay not run "
                          "(against the defaults' full replay)")
-        self._report_campaign()
+        self._report_campaign(study)
         return study
 
     def _propose(self, largest_node: int) -> Proposal | None:
@@ -701,14 +713,15 @@ class Tuner:
                      f"{finished.spec.label}: {text}")
         return done
 
-    def _report_campaign(self) -> None:
+    def _report_campaign(self, study: optuna.Study) -> None:
         campaign = self.campaign
         if not campaign.spans:
             return
         campaign.ended_at = max(time.time(), max(s.ended_at for s in campaign.spans))
         campaign.write_json(self.run_dir / "campaign.json")
-        title = f"{self.options.study_name}: schedule of {len(campaign.spans)} trials on {campaign.gpus} GPU(s)"
-        png = gantt_png(campaign, self.run_dir / "schedule.png", title)
+        everything = with_earlier_trials(campaign, study.get_trials(deepcopy=False))  # across resumes
+        title = f"{self.options.study_name}: schedule of {len(everything.spans)} trials on {campaign.gpus} GPU(s)"
+        png = gantt_png(everything, self.run_dir / "schedule.png", title)
         s = campaign.summary()
         self.say(f"\ncampaign: {s['trials']} trials in {_fmt_duration(s['wall_s'])} on {s['gpus']} GPU(s); "
                  f"GPU utilisation {s['utilisation']:.2f} (measuring / held), GPUs inside trials "

@@ -24,6 +24,7 @@ class CellResult:
     status: str  # "ok", "no trial completed", or "skipped: <why>"
     trials_completed: int = 0
     trials_failed: int = 0
+    trials_stopped: int = 0  # stopped early on purpose (SLO certainly lost, halving): not failures
     trials_rejected: int = 0
     first_latency: str = ""
     best_trial: int | None = None

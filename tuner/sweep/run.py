@@ -12,9 +12,9 @@ import optuna
 
 from tuner.engines import get_engine
 from tuner.errors import InputError
-from tuner.report.results import StudyResult, load_result
 from tuner.records.objectives import THROUGHPUT
 from tuner.records.pareto import completed_points
+from tuner.report.results import STOPPED, StudyResult, load_result
 from tuner.sweep.compare import coefficient_of_variation, learned_threshold
 from tuner.sweep.results import CellResult, RunResults
 from tuner.sweep.spec import Cell, SweepSpec
@@ -100,7 +100,9 @@ def cell_result(cell: Cell, result: StudyResult, report: Path, repeats: list) ->
     out = CellResult(id=cell.id, study=result.name, model=cell.model, workload=cell.workload.name,
                      engine=cell.engine, gpu=cell.gpu, gpus=cell.gpus, simulated=get_engine(cell.engine).simulated,
                      status="ok" if result.points else "no trial completed", trials_completed=len(result.points),
-                     trials_failed=len(result.issues), trials_rejected=sum(result.rejected.values()),
+                     trials_failed=sum(not i.cause.startswith(STOPPED) for i in result.issues),
+                     trials_stopped=sum(i.cause.startswith(STOPPED) for i in result.issues),
+                     trials_rejected=sum(result.rejected.values()),
                      first_latency=result.first_latency,
                      report=str(report))
     if result.points:

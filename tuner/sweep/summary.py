@@ -47,13 +47,13 @@ def summary_markdown(run: RunResults, fronts_png: str | None = None) -> str:
             verdict_text = comparison.note
         else:
             verdict_text = "ok" + (f" ({comparison.note})" if comparison.note else "")
-        rows.append([f"`{cell.id}`", f"{cell.trials_completed}/{cell.trials_failed}",
+        rows.append([f"`{cell.id}`", f"{cell.trials_completed}/{cell.trials_stopped}/{cell.trials_failed}",
                      _with_change(cell.best_goodput, changes.get("best_goodput"), 2),
                      _with_change(cell.hypervolume, changes.get("hypervolume"), -1),
                      _with_change(cell.baseline_throughput, changes.get("baseline_throughput"), 0),
                      _figure(cell.best_throughput, 0),
                      comparison.previous_run or "-" if comparison else "-", verdict_text])
-    lines.append(md_table(["cell", "trials ok/failed", "best goodput req/s", "hypervolume", "defaults tok/s",
+    lines.append(md_table(["cell", "trials ok/stopped/failed", "best goodput req/s", "hypervolume", "defaults tok/s",
                            "best tok/s", "compared with", "verdict"], rows))
     lines += ["", "Changes are against the last run of the same cell; ⚠ marks a drop beyond the noise threshold. "
                   "Hypervolume: area dominated by the Pareto front in (output tok/s, "

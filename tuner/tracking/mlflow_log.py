@@ -66,6 +66,14 @@ def _unreachable(exc: BaseException) -> bool:
     return False
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Beside a local SQLite store (`servetune-runs/mlartifacts/`), not `./mlruns` of whatever directory
+    `tune` ran in; a tracking server keeps its own artifact root (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 class StudyTracker:
     def __init__(self, tracking_uri: str, experiment: str, study_name: str, buffer_path: Path,
                  say: Callable[[str], None] = print) -> None:
@@ -102,7 +110,7 @@ class StudyTracker:
         if self._experiment_id is None:
             existing = self.client.get_experiment_by_name(self.experiment)
             self._experiment_id = existing.experiment_id if existing else self.client.create_experiment(
-                self.experiment)
+                self.experiment, artifact_location=artifact_location(self.tracking_uri))
         return self._experiment_id
 
     @property

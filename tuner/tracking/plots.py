@@ -18,8 +18,8 @@ def pyplot():
     return plt
 
 
-def save_png(fig, path: Path) -> Path:
-    fig.tight_layout()
+def save_png(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> Path:
+    fig.tight_layout(rect=rect)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
@@ -29,7 +29,7 @@ def save_png(fig, path: Path) -> Path:
 def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
     plt = pyplot()
     metrics = list(objectives.latency)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 5.5), squeeze=False)
     front_numbers = {p.number for p in front}
     for ax, metric in zip(axes[0], metrics):
         others = [p for p in points if p.number not in front_numbers]
@@ -47,9 +47,11 @@ def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, 
         ax.set_xlabel(f"{metric} (ms)")
         ax.set_ylabel("output tokens/s")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+    # below the axes, so it hides no point (the defaults' star least of all)
+    legend = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title)
-    return save_png(fig, path)
+    return save_png(fig, path, rect=(0, 0.1, 1, 1))
 
 
 def pareto_html(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
@@ -74,5 +76,5 @@ def pareto_html(points: list[Point], front: list[Point], objectives: Objectives,
                                  text=[hover(p) for p in subset], hoverinfo="text+x+y"))
     fig.update_layout(title=title, xaxis_title=f"{metric} (ms)", yaxis_title="output tokens/s")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs="cdn")
+    fig.write_html(str(path), include_plotlyjs=True)  # plotly.js inside the file: it opens offline
     return path

@@ -1,0 +1,93 @@
+"""The `tune` entry point: --version, bare help, a mistyped subcommand, defaults in --help, bench --wait-ready."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+
+import pytest
+
+from tuner import __version__
+from tuner.cli import main
+from tuner.errors import InputError
+from tuner.loadgen.cli import wait_ready
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"servetune {__version__}"
+
+
+def test_bare_tune_prints_help_not_a_missing_workload_error(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr()
+    assert "usage: tune" in out.out and "sim-serve" in out.out and "export" in out.out
+    assert "--workload" not in out.err
+
+
+def test_mistyped_subcommand_suggests_the_close_one_and_exits_2(capsys):
+    assert main(["exprot", "--study", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'exprot'" in err and "did you mean 'export'?" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["zzzz"]) == 2
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_options_still_default_to_the_run_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--trials", "3"])  # `tune --trials 3` is `tune run --trials 3`: it wants a workload
+    assert exit_info.value.code == 2
+    assert "--workload" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 127.0.0.1)" not in text  # its help already names the default
+    assert "--sampler {tpe,nsga2,random,grid}" in text and "(default: tpe)" in text
+    assert "(default: 600.0)" in text  # --startup-timeout
+    assert "--eta ETA successive halving keeps the top 1/eta at each rung (default: 2.0)" in text
+    assert "(--repeats times each) (default: 0)" in text  # --finalists: a default of 0 is shown too
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+class _SlowStart(http.server.BaseHTTPRequestHandler):
+    """503 until `ready_at`, then 200 on /v1/models: a server warming up."""
+
+    ready_at = 0.0
+
+    def do_GET(self) -> None:  # noqa: N802
+        ready = time.monotonic() >= self.ready_at and self.path == "/v1/models"
+        self.send_response(200 if ready else 503)
+        self.end_headers()
+        self.wfile.write(b'{"data": [{"id": "m"}]}' if ready else b"warming up")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_wait_ready_polls_until_the_server_answers():
+    _SlowStart.ready_at = time.monotonic() + 1.0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowStart)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        waited = wait_ready(f"http://127.0.0.1:{server.server_port}", timeout_s=10, poll_s=0.1)
+    finally:
+        server.shutdown()
+    assert 0.9 <= waited < 5
+
+
+def test_wait_ready_gives_up_with_one_line_naming_the_option():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    started = time.monotonic()
+    with pytest.raises(InputError, match=r"--wait-ready.*not ready after 0.5 s"):
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=0.5, poll_s=0.1)
+    assert time.monotonic() - started < 5

@@ -1,0 +1,93 @@
+"""What a study leaves behind: a console front that fits, an SLO column only with an SLO, offline HTML,
+a PNG legend that hides no point."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tuner.study.objectives import Objectives
+from tuner.study.pareto import Point, front_table
+from tuner.tracking.plots import pareto_html, pareto_png
+
+KNOBS = {"max_num_seqs": 128, "max_num_batched_tokens": 8192, "enable_prefix_caching": True,
+         "gpu_memory_utilization": 0.9, "enable_chunked_prefill": True, "kv_cache_dtype": "fp8_e4m3",
+         "attention_backend": "FLASH_ATTN", "cuda_graph_sizes": 512, "block_size": 32}
+
+
+def _point(number: int, tok_s: float, ttft: float, tpot: float, baseline: bool = False) -> Point:
+    summary = {"output_throughput": tok_s, "p99_ttft_ms": ttft, "p99_tpot_ms": tpot, "goodput": None}
+    config = {k: (v if not baseline else "-") for k, v in KNOBS.items()}
+    return Point(number=number, engine="vllm", config=config, summary=summary, command=["vllm", "serve"],
+                 feasible=True, baseline=baseline)
+
+
+POINTS = [_point(0, 900, 300, 30, baseline=True), _point(3, 1500, 450, 25), _point(5, 1200, 250, 40)]
+
+
+def test_front_without_slo_has_no_slo_column_and_fits_120_columns():
+    text = front_table(POINTS[1:], Objectives(), POINTS[0], list(KNOBS), slo=False)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 120, text
+    assert "SLO" not in lines[0] and " ok" not in text
+    # the knobs moved under the table, none lost
+    assert "trial 3: max_num_seqs=128" in text and "block_size=32" in text
+    with_slo = front_table(POINTS[1:], Objectives(), POINTS[0], ["max_num_seqs"], slo=True)
+    assert with_slo.splitlines()[0].split()[-2:] == ["SLO", "max_num_seqs"] and " ok " in with_slo
+
+
+def test_pareto_html_carries_plotly_and_opens_offline(tmp_path):
+    path = pareto_html(POINTS, POINTS[1:], Objectives(), tmp_path / "pareto.html", "t")
+    text = path.read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", text)  # no script fetched from anywhere
+    assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js itself is inside
+    assert path.stat().st_size < 10_000_000
+
+
+def test_pareto_png_legend_lies_outside_the_axes(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    original = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        fig.canvas.draw()
+        legend = fig.legends[0].get_window_extent()
+        captured["overlaps"] = [legend.overlaps(ax.get_window_extent()) for ax in fig.axes]
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        path = pareto_png(POINTS, POINTS[1:], Objectives(), tmp_path / "pareto.png", "t")
+    finally:
+        plt.Figure.savefig = original
+    assert Path(path).stat().st_size > 10_000
+    assert captured["overlaps"] == [False, False]  # one axes per latency objective, none under the legend
+
+
+def test_schedule_after_a_resume_shows_the_earlier_runs_trials(tmp_path):
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from tuner.runner.campaign import Campaign, TrialSpan, gantt_png, with_earlier_trials
+
+    def stored(number: int, start: float, ok: bool = True) -> optuna.trial.FrozenTrial:
+        return create_trial(state=TrialState.COMPLETE if ok else TrialState.FAIL, values=[1.0] if ok else None,
+                             user_attrs={"gpus": 1, "gpu_ids": ["0"], "node": "n", "started_at": start,
+                                         "ended_at": start + 30, "ready_s": 10.0, "measure_s": 15.0})
+
+    earlier = [stored(0, 1000.0), stored(1, 1040.0, ok=False)]
+    for number, trial in enumerate(earlier):
+        trial.number = number
+    now = Campaign(gpus=1, started_at=2000.0, ended_at=2100.0,
+                   spans=[TrialSpan(number=2, gpus=1, gpu_ids=("0",), node_id="n", started_at=2001.0, ready_s=5.0,
+                                    measure_s=20.0, ended_at=2050.0, ok=True)])
+    everything = with_earlier_trials(now, earlier)
+    assert [s.number for s in everything.spans] == [0, 1, 2]
+    assert everything.started_at == 1000.0 and everything.ended_at == 2100.0
+    assert [s.ok for s in everything.spans] == [True, False, True] and everything.spans[0].ready_s == 10.0
+    assert with_earlier_trials(now, []) is now
+    assert gantt_png(everything, tmp_path / "schedule.png", "t").stat().st_size > 5_000
