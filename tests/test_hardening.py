@@ -28,7 +28,7 @@ from tuner.redact import redact_text, redact_url
 from tuner.study import lock as study_lock
 from tuner.study.cli import closing_line
 from tuner.study.lock import StudyLock
-from tuner.records.storage import open_storage
+from tuner.records.storage import open_store
 from tuner.workload import formats
 from tuner.workload.analysis import _dispersion, analyze
 from tuner.workload.formats import read_trace
@@ -246,15 +246,15 @@ def test_study_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, ki
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 from tuner.study.lock import StudyLock
-from tuner.records.storage import open_storage
-lock = StudyLock.acquire(open_storage({url!r}), "s", ["maximize"])
+from tuner.records.storage import open_store
+lock = StudyLock.acquire(open_store({url!r}), "s", ["maximize"])
 print("held", flush=True)
 time.sleep(600)
 """], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(InputError) as caught:
-            StudyLock.acquire(open_storage(url), "s", ["maximize"])
+            StudyLock.acquire(open_store(url), "s", ["maximize"])
         message = str(caught.value)
         assert f"pid {holder.pid} on {socket.gethostname()}" in message and "since" in message
         assert "\n" not in message
@@ -262,17 +262,17 @@ time.sleep(600)
         holder.kill()
         holder.wait()
     said: list[str] = []
-    lock = StudyLock.acquire(open_storage(url), "s", ["maximize"], say=said.append)
+    lock = StudyLock.acquire(open_store(url), "s", ["maximize"], say=said.append)
     assert said and "taking over" in said[0] and f"pid {holder.pid}" in said[0] and "is gone" in said[0]
     lock.release()
     said.clear()
-    StudyLock.acquire(open_storage(url), "s", ["maximize"], say=said.append).release()  # released: no note
+    StudyLock.acquire(open_store(url), "s", ["maximize"], say=said.append).release()  # released: no note
     assert said == []
 
 
 def test_study_lock_of_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(study_lock, "SETTLE_S", 0.05)
-    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = open_store(f"sqlite:///{tmp_path / 'optuna.db'}")
     optuna.create_study(study_name="s", storage=storage)
     study_id = storage.get_study_id_from_name("s")
     now = time.time()
@@ -297,7 +297,7 @@ def test_study_lock_of_another_host_is_stale_only_after_its_heartbeat_stops(tmp_
 def _open_at(url: str, barrier, results) -> None:
     barrier.wait()
     try:
-        open_storage(url)
+        open_store(url)
         results.put("ok")
     except Exception as exc:  # the race's "table ... already exists"
         results.put(f"{type(exc).__name__}: {str(exc)[:120]}")

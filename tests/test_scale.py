@@ -29,7 +29,7 @@ from tuner.export.command import load_study
 from tuner.runner.placement import nvlink_order
 from tuner.runner.reaper import TOKEN_ENV, processes_with_token, reap
 from tuner.records.objectives import Objectives
-from tuner.records.storage import cluster_notes, open_storage
+from tuner.records.storage import cluster_notes, open_store
 
 WORKLOAD = Path(__file__).parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -110,16 +110,16 @@ def test_reaper_kills_every_process_carrying_the_token_and_nothing_else(tmp_path
 
 def test_storage_urls_and_cluster_notes(tmp_path):
     journal = tmp_path / "shared" / "optuna.log"
-    storage = open_storage(f"journal://{journal}")
+    storage = open_store(f"journal://{journal}")
     study = optuna.create_study(study_name="j", storage=storage, directions=["maximize"])
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     assert journal.exists()
-    again = optuna.load_study(study_name="j", storage=open_storage(f"journal://{journal}"))
+    again = optuna.load_study(study_name="j", storage=open_store(f"journal://{journal}"))
     assert len(again.trials) == 2
     with pytest.raises(InputError, match="'postgresql://u@db/optuna': Failed to import DB access module"):
-        open_storage("postgresql://u@db/optuna")  # opened at once: no driver here, one line before anything runs
+        open_store("postgresql://u@db/optuna")  # opened at once: no driver here, one line before anything runs
     with pytest.raises(InputError, match="journal:///PATH"):
-        open_storage("journal://")
+        open_store("journal://")
     notes = " ".join(cluster_notes("sqlite:///x/optuna.db", "sqlite:///x/mlflow.db"))
     assert "postgresql://" in notes and "journal:///" in notes and "mlflow server" in notes
     assert cluster_notes("postgresql://u@db/optuna", "http://mlflow:5000") == []
@@ -327,14 +327,14 @@ def test_study_on_a_two_node_cluster_uses_both_nodes(tmp_path, two_node_cluster)
     journal = tmp_path / "shared" / "optuna.log"
     storage = f"journal://{journal}"
     # a TP=2 trial cannot have its 2 GPUs on one node here, though 2 are free in all: it is refused
-    study = optuna.create_study(study_name="two", storage=open_storage(storage), directions=Objectives().directions)
+    study = optuna.create_study(study_name="two", storage=open_store(storage), directions=Objectives().directions)
     for tp, seqs in ((1, 16), (2, 16), (1, 32), (1, 64)):
         study.enqueue_trial({"tensor_parallel_size": tp, "max_num_seqs": seqs})
     process = _tune_on(two_node_cluster, tmp_path, "two", storage, "--trials", "3", "--sim-time-scale", "10")
     out, _ = process.communicate(timeout=600)
     assert process.returncode == 0, out[-4000:]
     assert "on 2 GPU(s) of 2 nodes" in out
-    study = optuna.load_study(study_name="two", storage=open_storage(storage))
+    study = optuna.load_study(study_name="two", storage=open_store(storage))
     ran = _ran(study)
     assert [t.params["tensor_parallel_size"] for t in ran] == [1, 1, 1]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ran)
@@ -364,7 +364,7 @@ def test_lost_node_mid_trial_requeues_its_trial_on_the_other_node(tmp_path, two_
         process.kill()
     assert process.returncode == 0, out[-4000:]
     assert "trial actor lost" in out
-    study = optuna.load_study(study_name="node-loss", storage=open_storage(storage))
+    study = optuna.load_study(study_name="node-loss", storage=open_store(storage))
     lost = [t for t in study.trials if t.user_attrs.get("failure") == "lost"]
     assert len(lost) == 1 and lost[0].user_attrs["requeued"] is True
     retry = next(t for t in study.trials if t.user_attrs.get("requeued_from") == lost[0].number)

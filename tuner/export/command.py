@@ -23,10 +23,10 @@ from tuner.space.knobs import OUTPUT_CHANGING, SearchSpace, load_space
 
 
 def load_study(name: str, storage: str) -> optuna.Study:
-    from tuner.records.storage import open_storage
+    from tuner.records.storage import open_store
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    opened = open_storage(storage, create=False)
+    opened = open_store(storage, create=False)
     try:
         return optuna.load_study(study_name=name, storage=opened)
     except KeyError:

@@ -15,7 +15,7 @@ from tuner.redact import redact_text, redact_url
 JOURNAL = "journal://"
 
 
-def open_storage(url: str, create: bool = True) -> optuna.storages.BaseStorage:
+def open_store(url: str, create: bool = True) -> optuna.storages.BaseStorage:
     """What optuna.create_study / load_study take as `storage`; any URL that cannot be used is an
     InputError naming it (password masked). Without `create`, a SQLite or journal file must exist."""
     try:

@@ -15,7 +15,7 @@ from tuner.engines import engine_names, get_engine, is_simulated, needs_gpu
 from tuner.errors import InputError
 from tuner.models.shapes import PRESETS, get_shape
 from tuner.records.objectives import Objectives
-from tuner.records.storage import open_storage
+from tuner.records.storage import open_store
 from tuner.redact import redact_url
 from tuner.runner import ray_local_only
 from tuner.study.lock import StudyLock
@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost"):
         print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "
               "its own random API key", file=sys.stderr)
-    storage = open_storage(storage_url)
+    storage = open_store(storage_url)
     if args.ray_address is None:
         ray_local_only()
     with StudyLock.acquire(storage, study_name, tuner.objectives.directions):

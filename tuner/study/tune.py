@@ -26,7 +26,7 @@ from tuner.models.shapes import ModelShape
 from tuner.outcome import Outcome
 from tuner.records.objectives import Objectives, default_objectives, slo_constraints
 from tuner.records.pareto import Point, completed_points, pick
-from tuner.records.storage import cluster_notes, open_storage
+from tuner.records.storage import cluster_notes, open_store
 from tuner.runner.campaign import Campaign, TrialSpan, gantt_png, with_earlier_trials
 from tuner.runner.progress import LiveLines, eta_s
 from tuner.runner.trial import TrialOutcome, TrialSpec
@@ -257,7 +257,7 @@ class Tuner:
         o = self.options
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         parallel = o.gpus > 1
-        study = optuna.create_study(study_name=o.study_name, storage=open_storage(o.storage),
+        study = optuna.create_study(study_name=o.study_name, storage=open_store(o.storage),
                                     directions=self.objectives.directions, load_if_exists=True,
                                     sampler=make_sampler(o.sampler, parallel, o.seed, self.spaces))
         if study.trials and o.seed is not None:
