@@ -273,23 +273,22 @@ time.sleep(600)
 def test_study_lock_of_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(study_lock, "SETTLE_S", 0.05)
     storage = open_store(f"sqlite:///{tmp_path / 'optuna.db'}")
-    optuna.create_study(study_name="s", storage=storage)
-    study_id = storage.get_study_id_from_name("s")
+    study = optuna.create_study(study_name="s", storage=storage)
     now = time.time()
     other = {"host": "elsewhere", "pid": 1, "token": "t", "since": now - 3600, "heartbeat": now - 10}
-    storage.set_study_system_attr(study_id, study_lock.KEY, other)
+    study.set_user_attr(study_lock.KEY, other)
     with pytest.raises(InputError, match="pid 1 on elsewhere"):
         StudyLock.acquire(storage, "s", ["minimize"])
-    storage.set_study_system_attr(study_id, study_lock.KEY, {**other, "heartbeat": now - study_lock.STALE_S - 60})
+    study.set_user_attr(study_lock.KEY, {**other, "heartbeat": now - study_lock.STALE_S - 60})
     said: list[str] = []
     lock = StudyLock.acquire(storage, "s", ["minimize"], say=said.append)
     assert "has not been heard of for 6 min" in said[0]
     beat = lock.holder.heartbeat
     time.sleep(0.01)
     lock.refresh()
-    assert storage.get_study_system_attrs(study_id)[study_lock.KEY]["heartbeat"] > beat
+    assert optuna.load_study(study_name="s", storage=storage).user_attrs[study_lock.KEY]["heartbeat"] > beat
     lock.release()
-    assert storage.get_study_system_attrs(study_id)[study_lock.KEY] == {}
+    assert optuna.load_study(study_name="s", storage=storage).user_attrs[study_lock.KEY] == {}
 
 
 # --- two processes open one fresh SQLite store at the same moment -----------------------------------------

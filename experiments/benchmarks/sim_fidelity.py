@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from tuner.simulator.calibration import PRIOR, Calibration, fit, simulate_observation  # noqa: E402
 from tuner.simulator.config import EngineStartupError, check_engine_config  # noqa: E402
-from tuner.simulator.observations import Observation, observations_from_storage  # noqa: E402
+from tuner.simulator.observations import Observation, observations_from_store  # noqa: E402
 from tuner.simulator.offline import PREDICTED_METRICS  # noqa: E402
 from tuner.workload.transform import load_workload  # noqa: E402
 
@@ -59,7 +59,7 @@ def config_id(o: Observation) -> str:
 
 def load() -> list[Observation]:
     return [o for store, defaults in STORES.items()
-            for o in observations_from_storage(ROOT / "experiments" / store / "optuna.db", defaults)]
+            for o in observations_from_store(ROOT / "experiments" / store / "optuna.db", defaults)]
 
 
 def distinct(observations: list[Observation]) -> dict[str, list[Observation]]:

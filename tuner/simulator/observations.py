@@ -122,7 +122,7 @@ def observations_from_study(study: optuna.Study, defaults: dict[str, Any] | None
     return [o for o in found if o is not None]
 
 
-def observations_from_storage(path: str | Path, defaults: dict[str, Any] | None = None) -> list[Observation]:
+def observations_from_store(path: str | Path, defaults: dict[str, Any] | None = None) -> list[Observation]:
     """Every real trial of every study in an Optuna SQLite file."""
     url = f"sqlite:///{path}"
     out: list[Observation] = []

@@ -1,4 +1,4 @@
-"""One live `tune` per study: a lock kept in the Optuna storage itself (a study system attribute), so it
+"""One live `tune` per study: a lock kept in the Optuna storage itself (a study user attribute), so it
 holds for SQLite, PostgreSQL/MySQL and journal stores, across machines.
 
 The holder refreshes a heartbeat; a lock whose holder is a dead process on this host, or whose heartbeat
@@ -62,8 +62,8 @@ def _alive(pid: int) -> bool:
 class StudyLock:
     """Held from `acquire` until `release`; a daemon thread keeps the heartbeat fresh."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, study_id: int, holder: Holder) -> None:
-        self.storage, self.study_id, self.holder = storage, study_id, holder
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, holder: Holder) -> None:
+        self.storage, self.study_name, self.holder = storage, study_name, holder
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="servetune-study-lock", daemon=True)
 
@@ -73,8 +73,7 @@ class StudyLock:
                 say: Callable[[str], None] = print) -> StudyLock:
         study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                     load_if_exists=True)
-        study_id = storage.get_study_id_from_name(study.study_name)
-        current = _read(storage, study_id)
+        current = _read(storage, study_name)
         now = time.time()
         if current is not None:
             why = current.stale(now)
@@ -83,14 +82,14 @@ class StudyLock:
                                  "wait for it to finish, stop it, or use another --study-name", field="study-name")
             say(f"note: taking over the lock of study '{study_name}': {why}")
         mine = Holder(host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex, since=now, heartbeat=now)
-        storage.set_study_system_attr(study_id, KEY, asdict(mine))
+        study.set_user_attr(KEY, asdict(mine))
         time.sleep(SETTLE_S)
-        winner = _read(storage, study_id)
+        winner = _read(storage, study_name)
         if winner is None or winner.token != mine.token:
             raise InputError(f"study '{study_name}' was just taken by another `tune` "
                              f"({winner.describe() if winner else 'unknown'}); use another --study-name",
                              field="study-name")
-        lock = cls(storage, study_id, mine)
+        lock = cls(storage, study_name, mine)
         lock._thread.start()
         return lock
 
@@ -102,16 +101,16 @@ class StudyLock:
                 continue
 
     def refresh(self) -> None:
-        current = _read(self.storage, self.study_id)
+        current = _read(self.storage, self.study_name)
         if current is None or current.token == self.holder.token:
             self.holder = Holder(**{**asdict(self.holder), "heartbeat": time.time()})
-            self.storage.set_study_system_attr(self.study_id, KEY, asdict(self.holder))
+            _study(self.storage, self.study_name).set_user_attr(KEY, asdict(self.holder))
 
     def release(self) -> None:
         self._stop.set()
-        current = _read(self.storage, self.study_id)
+        current = _read(self.storage, self.study_name)
         if current is not None and current.token == self.holder.token:
-            self.storage.set_study_system_attr(self.study_id, KEY, {})
+            _study(self.storage, self.study_name).set_user_attr(KEY, {})
 
     def __enter__(self) -> StudyLock:
         return self
@@ -120,8 +119,12 @@ class StudyLock:
         self.release()
 
 
-def _read(storage: optuna.storages.BaseStorage, study_id: int) -> Holder | None:
-    value = storage.get_study_system_attrs(study_id).get(KEY)
+def _study(storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
+    return optuna.load_study(study_name=study_name, storage=storage, sampler=optuna.samplers.RandomSampler())
+
+
+def _read(storage: optuna.storages.BaseStorage, study_name: str) -> Holder | None:
+    value = _study(storage, study_name).user_attrs.get(KEY)
     if not value:
         return None
     try:
