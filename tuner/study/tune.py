@@ -158,7 +158,8 @@ def grid_of(spaces: dict[str, SearchSpace]) -> dict[str, list[Any]]:
 
 def make_sampler(name: str, parallel: bool, seed: int | None,
                  spaces: dict[str, SearchSpace] | None = None) -> optuna.samplers.BaseSampler:
-    """SLO constraints reach every sampler through Trial.set_constraint (see Tuner._record)."""
+    """SLO constraints reach the samplers through Trial.set_constraint, except with a goodput objective
+    (see Tuner._sampler_constraints)."""
     if name in ("random", "grid"):  # the grid is enqueued up front (Tuner.open_study)
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
@@ -395,8 +396,8 @@ class Tuner:
             unreliable = unreliable_reasons(outcome.summary, outcome.engine_metrics)
             session.save(number, summary=outcome.summary, engine_metrics=outcome.engine_metrics,
                          constraints=constraints, unreliable=unreliable)
-            session.tell_values(number, values, dict(zip(
-                (t.name for t in self.options.slo.targets) if self.options.slo else (), constraints)))
+            session.tell_values(number, values, self._sampler_constraints(dict(zip(
+                (t.name for t in self.options.slo.targets) if self.options.slo else (), constraints))))
             shown = " ".join(f"{n} {v:.4g}" for n, v in zip(self.objectives.names, values))
             text = shown + (" (misses SLO)" if any(c > 0 for c in constraints) else "") + (
                 f" UNRELIABLE ({'; '.join(unreliable)})" if unreliable else "")
@@ -413,6 +414,14 @@ class Tuner:
                                    self._tags(spec.engine), outcome.failure, outcome.message,
                                    [outcome.log_path, outcome.rows_csv, outcome.summary_json])
         self._progress(number, text, total)
+
+    def _sampler_constraints(self, constraints: dict[str, float]) -> dict[str, float]:
+        """The SLO constraints the sampler sees. With a goodput objective, none: goodput already counts the
+        SLO request by request, and Optuna's samplers rank trials that all miss a constraint by their summed
+        violation alone, so a study whose SLO nothing meets would chase the smallest TTFT excess instead of
+        goodput (experiments/benchmarks/goodput_first.md). The values are stored either way
+        (`TrialRecord.constraints`) and decide the recommendation."""
+        return {} if self.objectives.needs_slo else constraints
 
     def _exclude_missing_module(self, spec: TrialSpec, text: str) -> None:
         """An engine install that lacks a module: the knob values that need it (`needs:` in the space; without
@@ -455,7 +464,7 @@ class Tuner:
         constraints = stopped_constraints(o.slo, pruner, watch) if o.slo else {}
         session.save(number := spec.number, stopped=stopped, message=stopped["reason"], summary=outcome.summary,
                      engine_metrics=outcome.engine_metrics, constraints=list(constraints.values()))
-        session.tell_pruned(number, constraints)
+        session.tell_pruned(number, self._sampler_constraints(constraints))
         return f"PRUNED after {stopped['finished']}/{len(o.requests)} requests ({stopped['kind']}: {stopped['reason']})"
 
     def _tags(self, engine: str) -> dict[str, str]:
