@@ -1,0 +1,65 @@
+"""The on-disk study format: every committed store (round 1's schema and this one) reads through
+TrialRecord/StudyRecord and reports; the record round-trips through Optuna's user attributes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tuner.cli import main
+from tuner.outcome import Outcome
+from tuner.records.trial import SCHEMA_VERSION, StudyRecord, TrialRecord, records, save
+
+STORES = sorted((Path(__file__).parents[1] / "experiments").glob("*/optuna.db")) + sorted(
+    (Path(__file__).parents[1] / "experiments").glob("*/results/optuna.db"))
+
+
+def test_the_committed_stores_are_all_found():
+    assert len(STORES) >= 5  # four round-1 GPU runs and the round-2 H200 run
+
+
+@pytest.mark.parametrize("store", STORES, ids=lambda p: p.parent.name if p.parent.name != "results"
+                         else p.parent.parent.name)
+def test_every_committed_store_reads_through_the_records_and_reports(store: Path, tmp_path: Path, capsys):
+    url = f"sqlite:///{store}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+    assert names
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=url)
+        study_record = StudyRecord.of(study)
+        assert study_record.objectives and study_record.engines
+        trials = records(study)
+        assert len(trials) == len(study.trials)
+        done = [r for r in trials if r.completed]
+        assert done and all(r.engine and r.config and r.command for r in done)
+        assert any(r.baseline for r in trials)
+        assert main(["report", name, "--storage", url, "--out", str(tmp_path / name), "--no-mlflow"]) == 0
+        assert (tmp_path / name / name / "report.md").exists() or (tmp_path / name / "report.md").exists()
+    assert "recommended" in capsys.readouterr().out
+
+
+def test_a_record_round_trips_and_only_known_fields_are_written(tmp_path: Path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
+    trial = study.ask()
+    save(trial, engine="sim", config={"max_num_seqs": 8}, baseline=True, failure=Outcome.OOM_STARTUP,
+         constraints=[1.5, -2.0], unreliable=["client send lag p99 9.0 ms > 5 ms"])
+    with pytest.raises(AttributeError, match="no field 'nonsense'"):
+        save(trial, nonsense=1)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    stored = study.trials[0].user_attrs
+    assert stored["failure"] == "oom_startup" and type(stored["failure"]) is str  # plain JSON for old readers
+    record = TrialRecord.from_trial(study.trials[0])
+    assert record.state == "FAIL" and record.config == {"max_num_seqs": 8} and record.baseline
+    assert not record.meets_slo and record.to_attrs() == stored
+
+
+def test_a_study_record_is_written_with_the_schema_version(tmp_path: Path):
+    from tuner.study.session import StudySession
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
+    assert StudyRecord.of(study).schema_version == 1  # what a round-1 store reads as
+    StudySession(study).save_study(objectives=["goodput"], offered_rate=2.5)
+    again = StudyRecord.of(optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path / 'o.db'}"))
+    assert again.schema_version == SCHEMA_VERSION and again.objectives == ["goodput"] and again.offered_rate == 2.5
