@@ -4,6 +4,8 @@ Optuna's journal file (JournalStorage) that several machines can share on a netw
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -50,10 +52,17 @@ def _open(url: str, create: bool) -> optuna.storages.BaseStorage:
     _must_exist(path, create)
     path.parent.mkdir(parents=True, exist_ok=True)
     # two processes creating the same fresh file at once both create its tables: one fails
-    # ("table ... already exists"); the first creates them under this lock, the second finds them
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    # ("table ... already exists"); the first creates them under this lock, the second finds them.
+    # The lock file lives in the temporary folder, not beside the store (which may be read-only)
+    with open(_lock_path(path), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return optuna.storages.RDBStorage(url)
+
+
+def _lock_path(store: Path) -> Path:
+    folder = Path(tempfile.gettempdir()) / "servetune-store-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / (hashlib.sha256(str(store.resolve()).encode()).hexdigest()[:24] + ".lock")
 
 
 def _must_exist(path: Path, create: bool) -> None:
