@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import random
-import re
 import sys
 import time
 import warnings
@@ -23,7 +22,7 @@ from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO
 from tuner.metrics import metric
 from tuner.models.shapes import ModelShape
-from tuner.outcome import Outcome
+from tuner.outcome import Outcome, missing_module
 from tuner.records.objectives import Objectives, default_objectives, slo_constraints
 from tuner.records.pareto import Point, completed_points, pick
 from tuner.records.storage import cluster_notes, open_store
@@ -179,7 +178,6 @@ def _fmt_duration(seconds: float) -> str:
 
 SEND_LAG_P99_LIMIT_MS = 5.0  # a client later than this cannot be trusted to have offered the trace's load
 SIM_CLOCK_LAG_LIMIT_S = 1.0  # simulated seconds the simulator's clock may fall behind wall-clock x scale
-_MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")
 
 
 def unreliable_reasons(summary: dict[str, Any], engine_metrics: dict[str, float]) -> list[str]:
@@ -192,11 +190,6 @@ def unreliable_reasons(summary: dict[str, Any], engine_metrics: dict[str, float]
     if clock is not None and clock > SIM_CLOCK_LAG_LIMIT_S:
         reasons.append(f"simulator clock fell {clock:.2f} simulated s behind")
     return reasons
-
-
-def missing_module(message: str) -> str | None:
-    match = _MISSING_MODULE.search(message or "")
-    return match.group(1) if match else None
 
 
 class Tuner:
