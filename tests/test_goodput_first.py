@@ -8,12 +8,14 @@ from pathlib import Path
 from tuner.loadgen.metrics import RequestResult, summarize
 from tuner.loadgen.replay import ProgressSnapshot
 from tuner.loadgen.slo import parse_slo
+from tuner.outcome import missing_module
 from tuner.records.objectives import Objectives, default_objectives
 from tuner.records.pareto import Point, pick
 from tuner.records.recommend import recommend
+from tuner.records.reliability import unreliable_reasons
 from tuner.runner.trial import TrialOutcome
 from tuner.study.pruning import DOMINATED, SLO_LOST, SloPruner
-from tuner.study.tune import TuneOptions, Tuner, missing_module, unreliable_reasons
+from tuner.study.tune import TuneOptions, Tuner
 from tuner.workload.request import TraceRequest
 
 SLO = parse_slo("ttft_p99=1s")

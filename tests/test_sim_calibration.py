@@ -8,13 +8,21 @@ from pathlib import Path
 import pytest
 
 from tuner.errors import InputError
-from tuner.simulator.calibration import PRIOR, Calibration, fit, load_cached, loss, simulate_observation
-from tuner.simulator.config import EngineStartupError, SimConfig, check_engine_config
+from tuner.simulator.calibration import (
+    PRIOR,
+    Calibration,
+    fit,
+    load_cached,
+    loss,
+    simulate_observation,
+)
+from tuner.simulator.config import EngineStartupError, SimConfig
 from tuner.simulator.constants import PerfConstants, load_constants
 from tuner.simulator.engine import SimArrival, simulate
 from tuner.simulator.observations import Observation
 from tuner.simulator.offline import replay
 from tuner.simulator.perf_model import PerfModel, StepBatch
+from tuner.simulator.support import check_engine
 from tuner.workload.request import TraceRequest
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -64,12 +72,12 @@ def test_flex_attention_with_fp8_kv_is_refused_with_vllm_0_26_message():
     log = (FIXTURES / "vllm" / "fail-unsupported-flex-fp8-h100.log").read_text()
     config = SimConfig(attention_backend="FLEX_ATTENTION", kv_cache_dtype="fp8", engine_version="0.26.0").resolved()
     with pytest.raises(EngineStartupError) as caught:
-        check_engine_config(config)
+        check_engine(config)
     assert str(caught.value) in log  # the very root-cause line the real engine printed
-    check_engine_config(SimConfig(attention_backend="FLEX_ATTENTION", engine_version="0.26.0").resolved())
-    check_engine_config(SimConfig(attention_backend="FLEX_ATTENTION", kv_cache_dtype="fp8",
+    check_engine(SimConfig(attention_backend="FLEX_ATTENTION", engine_version="0.26.0").resolved())
+    check_engine(SimConfig(attention_backend="FLEX_ATTENTION", kv_cache_dtype="fp8",
                                   engine_version="0.25.1").resolved())  # before any log showed it failing
-    check_engine_config(SimConfig(attention_backend="FLEX_ATTENTION", kv_cache_dtype="fp8", engine="sglang",
+    check_engine(SimConfig(attention_backend="FLEX_ATTENTION", kv_cache_dtype="fp8", engine="sglang",
                                   engine_version="0.5.17").resolved())
 
 

@@ -58,7 +58,7 @@ from tuner.study.fidelity import RungWatch, SuccessiveHalving, stopped_constrain
 from tuner.records.objectives import Objectives, slo_constraints
 from tuner.records.pareto import Point, pick
 from tuner.study.pruning import SloPruner
-from tuner.study.tune import unreliable_reasons
+from tuner.records.reliability import unreliable_reasons
 from tuner.workload.request import TraceRequest
 
 SLO = parse_slo("ttft_p90=5s,tpot_p90=20ms")

@@ -135,10 +135,8 @@ def default_batch_limits(gpu: GpuSpec) -> tuple[int, int]:
 
 
 def check_engine_config(config: SimConfig) -> None:
-    """vLLM's config-time validation, with its messages. `config` must be resolved."""
-    from tuner.simulator.support import check_supported  # support imports SimConfig from here
-
-    check_supported(config)
+    """vLLM's config-time validation, with its messages. `config` must be resolved. The combinations an
+    engine version refuses are `tuner.simulator.support.check_engine`'s, which calls this."""
     shape = config.shape
     if config.max_num_batched_tokens < config.max_num_seqs:
         raise EngineStartupError(

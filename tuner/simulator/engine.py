@@ -18,14 +18,15 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tuner.simulator.config import SimConfig, check_engine_config
+from tuner.simulator.config import SimConfig
 from tuner.simulator.kv_cache import KVCache, PrefixHasher
 from tuner.simulator.perf_model import MemoryPlan, PerfModel, StepBatch
+from tuner.simulator.support import check_engine
 
 NATURAL_OUTPUT_MEAN = 256  # without ignore_eos a request "meets EOS" after ~Exp(256) tokens
 
@@ -86,7 +87,7 @@ class SimScheduler:
 
     def __init__(self, config: SimConfig, perf: PerfModel | None = None, replica: int = 0) -> None:
         config = config.resolved()
-        check_engine_config(config)
+        check_engine(config)
         self.config = config
         self.perf = perf or PerfModel(config)
         self.memory: MemoryPlan = self.perf.memory_plan()
@@ -397,21 +398,17 @@ class SimReport:
         return float(np.mean([r.ttft for r in self.results]))
 
 
-def make_engine(config: SimConfig, replica: int = 0) -> SimScheduler:
-    """The engine whose scheduler `config.engine` names."""
-    if config.engine == "sglang":
-        from tuner.simulator.sglang_scheduler import SglangEngine
-        return SglangEngine(config, replica=replica)
-    return SimScheduler(config, replica=replica)
-
-
-def simulate(config: SimConfig, arrivals: Iterable[SimArrival], max_concurrency: int | None = None) -> SimReport:
+def simulate(config: SimConfig, arrivals: Iterable[SimArrival], max_concurrency: int | None = None,
+             scheduler: Callable[[SimConfig], SimScheduler] = SimScheduler) -> SimReport:
     """Replay `arrivals` (ignore_eos, exact output lengths) through one engine in simulated time.
 
     With `max_concurrency`, a request is sent only when fewer than that many are in flight, like
-    `vllm bench serve --max-concurrency`; TTFT and e2e then count from when it was sent.
+    `vllm bench serve --max-concurrency`; TTFT and e2e then count from when it was sent. `scheduler`
+    builds the engine (`tuner.simulator.schedulers.make_engine` picks it from `config.engine`).
     """
-    engine = make_engine(config)
+    if config.engine != "vllm" and scheduler is SimScheduler:
+        raise ValueError(f"simulating {config.engine}: pass scheduler=tuner.simulator.schedulers.make_engine")
+    engine = scheduler(config)
     queue = deque(sorted(arrivals, key=lambda a: a.arrival_s))
     limit = max_concurrency or math.inf
     sent_at: dict[str, float] = {}

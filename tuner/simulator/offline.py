@@ -13,9 +13,16 @@ from functools import lru_cache
 
 import numpy as np
 
-from tuner.loadgen.metrics import BenchSummary, RequestResult, summarize, tpot_s, wall_duration_s
+from tuner.loadgen.metrics import (
+    BenchSummary,
+    RequestResult,
+    summarize,
+    tpot_s,
+    wall_duration_s,
+)
 from tuner.simulator.config import SimConfig
 from tuner.simulator.engine import EngineStats, SimArrival, simulate
+from tuner.simulator.schedulers import make_engine
 from tuner.workload.prompts import token_ids_for
 from tuner.workload.request import TraceRequest
 
@@ -45,7 +52,7 @@ def _arrivals(requests: tuple[TraceRequest, ...], vocab_size: int) -> tuple[SimA
 def replay(config: SimConfig, requests: Sequence[TraceRequest]) -> OfflineResult:
     """Open-loop replay at the trace's own times; raises `EngineStartupError` as the server would."""
     arrivals = _arrivals(tuple(requests), config.shape.vocab_size)
-    report = simulate(config, arrivals)
+    report = simulate(config, arrivals, scheduler=make_engine)
     rows = []
     for index, result in enumerate(report.results):
         e2e, ttft = result.finish_s - result.start_s, result.first_token_s - result.start_s

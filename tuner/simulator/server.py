@@ -23,8 +23,10 @@ import numpy as np
 from aiohttp import web
 
 from tuner import __version__
-from tuner.simulator.config import EngineStartupError, SimConfig, check_engine_config
-from tuner.simulator.engine import EngineRequest, SimScheduler, make_engine
+from tuner.simulator.config import EngineStartupError, SimConfig
+from tuner.simulator.engine import EngineRequest, SimScheduler
+from tuner.simulator.schedulers import make_engine
+from tuner.simulator.support import check_engine
 
 BANNER = "SIMULATED ENGINE (servetune performance model, not a GPU)"
 OWNER = "servetune-simulator"
@@ -165,7 +167,7 @@ class SimServer:
 
     def build_engines(self) -> None:
         """Raises `EngineStartupError` with vLLM's message when this configuration cannot run."""
-        check_engine_config(self.config)
+        check_engine(self.config)
         engines = [make_engine(self.config, replica=index) for index in range(self.config.data_parallel_size)]
         self.clock = SimClock(self.config.time_scale)
         self.replicas = [Replica(index, engine, self.clock) for index, engine in enumerate(engines)]
@@ -566,7 +568,7 @@ async def _serve(server: SimServer) -> int:
              config.async_scheduling, config.kv_cache_dtype, config.quantization,
              asdict(config.speculative) if config.speculative else None, config.attention_backend)
     try:
-        check_engine_config(config)
+        check_engine(config)
     except EngineStartupError as exc:
         _log_startup_failure(str(exc))
         return 1

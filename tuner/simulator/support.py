@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tuner.simulator.config import EngineStartupError, SimConfig
+from tuner.simulator.config import EngineStartupError, SimConfig, check_engine_config
 
 
 @dataclass(frozen=True)
@@ -50,3 +50,10 @@ def check_supported(config: SimConfig) -> None:
     for rule in RULES:
         if rule.engine == config.engine and _in_range(config.engine_version, *rule.versions) and rule.applies(config):
             raise EngineStartupError(rule.message)
+
+
+def check_engine(config: SimConfig) -> None:
+    """Everything the simulated engine checks before it starts: the version's refused combinations, then
+    vLLM's config-time validation (`EngineStartupError` with the engine's message)."""
+    check_supported(config)
+    check_engine_config(config)
