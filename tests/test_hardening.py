@@ -24,11 +24,11 @@ import pytest
 
 from tuner.cli import main
 from tuner.errors import InputError
+from tuner.records.storage import open_store
 from tuner.redact import redact_text, redact_url
 from tuner.study import lock as study_lock
 from tuner.study.cli import closing_line
 from tuner.study.lock import StudyLock
-from tuner.records.storage import open_store
 from tuner.workload import formats
 from tuner.workload.analysis import _dispersion, analyze
 from tuner.workload.formats import read_trace

@@ -27,10 +27,15 @@ from tuner.simulator.config import EngineStartupError, SimConfig
 from tuner.simulator.engine import SimArrival, SimScheduler, simulate
 from tuner.space.knobs import load_space
 from tuner.study.capacity import CapacityResult, find_capacity, good_fraction, poisson_at_rate
-from tuner.study.feasibility import (PREDICTED_INFEASIBLE, FeasibilityModel, Observation, launches_avoided,
-                                     observations_from_study, tell_infeasible)
-from tuner.study.fidelity import (RungScore, RungWatch, SuccessiveHalving, confidence_interval, remeasure,
-                                  retimed)
+from tuner.study.feasibility import (
+    PREDICTED_INFEASIBLE,
+    FeasibilityModel,
+    Observation,
+    launches_avoided,
+    observations_from_study,
+    tell_infeasible,
+)
+from tuner.study.fidelity import RungScore, RungWatch, SuccessiveHalving, confidence_interval, remeasure, retimed
 from tuner.study.pruning import DOMINATED, SLO_LOST, SloPruner, violations_to_lose
 from tuner.workload.request import TraceRequest
 

@@ -26,10 +26,10 @@ import ray
 from tuner.cli import main
 from tuner.errors import InputError
 from tuner.export.command import load_study
-from tuner.runner.placement import nvlink_order
-from tuner.runner.reaper import TOKEN_ENV, processes_with_token, reap
 from tuner.records.objectives import Objectives
 from tuner.records.storage import cluster_notes, open_store
+from tuner.runner.placement import nvlink_order
+from tuner.runner.reaper import TOKEN_ENV, processes_with_token, reap
 
 WORKLOAD = Path(__file__).parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"
 RAY = str(Path(sys.executable).parent / "ray")

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 
 from tuner.errors import InputError
-from tuner.simulator.config import (EngineStartupError, SimConfig, SpeculativeConfig, check_engine_config,
-                                    parse_speculative_config, parse_token_count)
+from tuner.simulator.config import (
+    EngineStartupError,
+    SimConfig,
+    SpeculativeConfig,
+    check_engine_config,
+    parse_speculative_config,
+    parse_token_count,
+)
 from tuner.simulator.engine import SimArrival, SimScheduler, simulate
 from tuner.simulator.kv_cache import KVCache, PrefixHasher
 from tuner.simulator.perf_model import PerfModel

@@ -16,8 +16,7 @@ from tuner.engines.base import Launch
 from tuner.errors import InputError
 from tuner.models.shapes import get_shape
 from tuner.space import fit
-from tuner.space.fit import (drop_for_study, fit_to_model, num_experts, output_changes, preflight,
-                             unavailable_in)
+from tuner.space.fit import drop_for_study, fit_to_model, num_experts, output_changes, preflight, unavailable_in
 from tuner.space.knobs import OUTPUT_CHANGING, load_space
 from tuner.study.sampling import suggest_config
 

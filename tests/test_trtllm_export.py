@@ -168,7 +168,7 @@ def test_version_is_the_last_line_after_the_import_banner(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="TensorRT-LLM is installed")
 def test_a_study_refuses_trtllm_where_it_is_not_installed():
-    from tuner.study.tune import Tuner, TuneOptions
+    from tuner.study.tune import TuneOptions, Tuner
 
     options = TuneOptions(workload=Path("unused.jsonl"), requests=[], workload_digest="", engines=["trtllm"],
                           model=MODEL, shape=None, gpus=1, gpu="h100")

@@ -12,8 +12,7 @@ from tuner.errors import InputError
 from tuner.workload.analysis import analyze
 from tuner.workload.formats import detect_format, estimate_tokens, read_trace
 from tuner.workload.request import TraceRequest
-from tuner.workload.transform import (first_rows, first_seconds, load_workload, time_scaled,
-                                      trace_digest)
+from tuner.workload.transform import first_rows, first_seconds, load_workload, time_scaled, trace_digest
 
 WORKLOADS = Path(__file__).resolve().parent.parent / "workloads"
 MOONCAKE = WORKLOADS / "mooncake_conversation_head300.jsonl"

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-import test_fuzz as fuzz  # noqa: E402  (the generators and checks shared with the test suite)
+import test_fuzz as fuzz  # the generators and checks shared with the test suite
 
 TARGETS = [  # (name, generator of one input as an argument tuple, check)
     ("trace readers (tune workload inspect)", st.tuples(fuzz.trace_files(), fuzz.inspect_options), fuzz.check_trace),

@@ -47,16 +47,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+import search_strategies as ss
 from optuna.trial import TrialState
 
-import search_strategies as ss
-from tuner.outcome import Outcome
 from tuner.loadgen.replay import chain
 from tuner.loadgen.slo import parse_slo
-from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
-from tuner.study.fidelity import RungWatch, SuccessiveHalving, stopped_constraints
+from tuner.outcome import Outcome
 from tuner.records.objectives import Objectives, slo_constraints
 from tuner.records.pareto import Point, pick
+from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
+from tuner.study.fidelity import RungWatch, SuccessiveHalving, stopped_constraints
 from tuner.study.pruning import SloPruner
 from tuner.records.reliability import unreliable_reasons
 from tuner.workload.request import TraceRequest

@@ -51,25 +51,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import optuna  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+import optuna
+from optuna.trial import TrialState
 
-from tuner.outcome import Outcome  # noqa: E402
-from tuner.loadgen.metrics import RequestResult, summarize, tpot_s, wall_duration_s  # noqa: E402
-from tuner.loadgen.replay import ProgressSnapshot  # noqa: E402
-from tuner.loadgen.slo import parse_slo  # noqa: E402
-from tuner.simulator.config import EngineStartupError, SimConfig  # noqa: E402
-from tuner.simulator.engine import SimArrival, simulate  # noqa: E402
-from tuner.study.capacity import find_capacity, good_fraction, poisson_at_rate  # noqa: E402
-from tuner.study.feasibility import (PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study,  # noqa: E402
-                                     tell_infeasible)
-from tuner.study.fidelity import (RungWatch, SuccessiveHalving, finalists, remeasure,  # noqa: E402
-                                  stopped_constraints)
-from tuner.loadgen.replay import chain  # noqa: E402
-from tuner.study.pruning import SLO_LOST, SloPruner  # noqa: E402
-from tuner.workload.prompts import token_ids_for  # noqa: E402
-from tuner.workload.request import TraceRequest  # noqa: E402
-from tuner.workload.transform import load_workload  # noqa: E402
+from tuner.loadgen.metrics import RequestResult, summarize, tpot_s, wall_duration_s
+from tuner.loadgen.replay import ProgressSnapshot, chain
+from tuner.loadgen.slo import parse_slo
+from tuner.outcome import Outcome
+from tuner.simulator.config import EngineStartupError, SimConfig
+from tuner.simulator.engine import SimArrival, simulate
+from tuner.study.capacity import find_capacity, good_fraction, poisson_at_rate
+from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
+from tuner.study.fidelity import RungWatch, SuccessiveHalving, finalists, remeasure, stopped_constraints
+from tuner.study.pruning import SLO_LOST, SloPruner
+from tuner.workload.prompts import token_ids_for
+from tuner.workload.request import TraceRequest
+from tuner.workload.transform import load_workload
 
 HERE = Path(__file__).resolve().parent
 TRACE = HERE.parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"

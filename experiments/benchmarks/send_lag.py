@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tuner.loadgen.replay import BenchConfig, run_bench_sync  # noqa: E402
-from tuner.workload.request import TraceRequest  # noqa: E402
+from tuner.loadgen.replay import BenchConfig, run_bench_sync
+from tuner.workload.request import TraceRequest
 
 MODEL = "fast-stream-test"
 LAG_LIMIT_MS = 5.0

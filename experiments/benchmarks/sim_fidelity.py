@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from functools import lru_cache
+from functools import cache
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -32,11 +32,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tuner.simulator.calibration import PRIOR, Calibration, fit, simulate_observation  # noqa: E402
-from tuner.simulator.config import EngineStartupError, check_engine_config  # noqa: E402
-from tuner.simulator.observations import Observation, observations_from_store  # noqa: E402
-from tuner.simulator.offline import PREDICTED_METRICS  # noqa: E402
-from tuner.workload.transform import load_workload  # noqa: E402
+from tuner.simulator.calibration import PRIOR, Calibration, fit, simulate_observation
+from tuner.simulator.config import EngineStartupError, check_engine_config
+from tuner.simulator.observations import Observation, observations_from_store
+from tuner.simulator.offline import PREDICTED_METRICS
+from tuner.workload.transform import load_workload
 
 # Stores and what their studies do not record themselves (from each folder's README.md)
 STORES = {"h100-vllm": {"gpu": "h100", "engine_versions": {"vllm": "0.26.0"}},
@@ -45,7 +45,7 @@ HIGHER_IS_BETTER = {"output_throughput": True, "ttft_p99": False, "tpot_p99": Fa
 MAX_EVALS = 60
 
 
-@lru_cache(maxsize=None)
+@cache
 def _requests(workload: str, rows: int) -> tuple:
     return tuple(load_workload(ROOT / workload, rows=rows))
 

@@ -6,9 +6,11 @@ from tuner.engines.base import Engine
 from tuner.engines.registry import engine_names, get_engine, is_simulated, needs_gpu, register_engine
 
 # the built-in adapters register themselves, in this order (the first simulated one is the default)
-from tuner.engines import sim  # noqa: E402,F401,I001
+# isort: off
+from tuner.engines import sim  # noqa: E402,F401
 from tuner.engines import vllm  # noqa: E402,F401
 from tuner.engines import sglang  # noqa: E402,F401
 from tuner.engines import trtllm  # noqa: E402,F401
+# isort: on
 
 __all__ = ["Engine", "engine_names", "get_engine", "is_simulated", "needs_gpu", "register_engine"]

@@ -13,11 +13,11 @@ import yaml
 from tuner.engines import engine_names, get_engine
 from tuner.engines.base import Launch, OptionsFile
 from tuner.errors import InputError
-from tuner.redact import redact_url
 from tuner.loadgen.slo import SLO
 from tuner.records.objectives import Objectives, slo_constraints
 from tuner.records.pareto import Point, completed_points, pick
 from tuner.records.trial import StudyRecord
+from tuner.redact import redact_url
 from tuner.space.fit import output_changes
 from tuner.space.knobs import OUTPUT_CHANGING, SearchSpace, load_space
 

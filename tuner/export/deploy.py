@@ -17,8 +17,8 @@ import yaml
 
 from tuner.engines import engine_names, get_engine
 from tuner.errors import InputError
-from tuner.space.constraints import gpus_needed
 from tuner.records.pareto import Point
+from tuner.space.constraints import gpus_needed
 
 # study-wide --engine-arg flags that suit the tuning machine (a CPU, a small test GPU), not a GPU deployment:
 # flag -> the value that marks it so (None: any value, or none)

@@ -26,10 +26,24 @@ import aiohttp
 import numpy as np
 
 from tuner.errors import InputError
-from tuner.loadgen.client import (ENDPOINT_PATHS, build_payload, encode_body, fetch_first_model,
-                                  request_headers, stream_request)
-from tuner.loadgen.metrics import (ROW_COLUMNS, BenchSummary, RequestResult, csv_cell, summarize,
-                                   to_server_clock, tpot_s, wall_duration_s)
+from tuner.loadgen.client import (
+    ENDPOINT_PATHS,
+    build_payload,
+    encode_body,
+    fetch_first_model,
+    request_headers,
+    stream_request,
+)
+from tuner.loadgen.metrics import (
+    ROW_COLUMNS,
+    BenchSummary,
+    RequestResult,
+    csv_cell,
+    summarize,
+    to_server_clock,
+    tpot_s,
+    wall_duration_s,
+)
 from tuner.loadgen.slo import SLO
 from tuner.workload.request import TraceRequest
 

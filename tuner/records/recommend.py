@@ -15,9 +15,9 @@ from typing import Any
 
 from tuner.loadgen.slo import SLO
 from tuner.metrics import METRICS, metric
+from tuner.records.capacity import CapacityResult
 from tuner.records.objectives import Objectives
 from tuner.records.pareto import Point, pick
-from tuner.records.capacity import CapacityResult
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuner.report.importance import Importances
-from tuner.report.results import StudyResult
 from tuner.records.objectives import THROUGHPUT, Objectives
 from tuner.records.pareto import pareto_front
+from tuner.report.importance import Importances
+from tuner.report.results import StudyResult
 from tuner.tracking.plots import pyplot, save_png
 
 

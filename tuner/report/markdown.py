@@ -6,12 +6,12 @@ import shlex
 from collections import Counter
 from collections.abc import Sequence
 
-from tuner.report.hypervolume import hypervolume_2d, reference_latency
-from tuner.report.importance import Importances
-from tuner.report.results import STOPPED, StudyResult
 from tuner.records.capacity import CapacityResult
 from tuner.records.objectives import THROUGHPUT
 from tuner.records.pareto import Point, front_table
+from tuner.report.hypervolume import hypervolume_2d, reference_latency
+from tuner.report.importance import Importances
+from tuner.report.results import STOPPED, StudyResult
 
 SIMULATED_NOTE = ("> **SIMULATED**: these figures come from servetune's performance model of the GPU, not from a "
                   "GPU. Confirm a recommendation on real hardware.")

@@ -20,9 +20,9 @@ from tuner.records.pareto import Point, pareto_front, pick
 from tuner.records.recommend import Recommendation, recommend
 from tuner.records.trial import StudyRecord, records
 from tuner.report.goodput import goodput_under
+from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.space.fit import output_changes
 from tuner.space.knobs import load_space
-from tuner.report.hypervolume import hypervolume_2d, reference_latency
 
 STOPPED = "stopped early: "  # cause prefix of a trial a watcher stopped (tuner.study.pruning, fidelity)
 # proposals stopped before a server started: a known constraint, or a learned prediction of failure

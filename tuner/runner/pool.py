@@ -110,9 +110,9 @@ class Finished:
 class _Running:
     spec: TrialSpec
     gpus: int
-    actor: "ray.actor.ActorHandle"
-    ref: "ray.ObjectRef"
-    placement_ref: "ray.ObjectRef"
+    actor: ray.actor.ActorHandle
+    ref: ray.ObjectRef
+    placement_ref: ray.ObjectRef
     group: PlacementGroup
     token: str
     node_id: str | None = None
@@ -138,7 +138,7 @@ class TrialPool:
         self.name_prefix = name_prefix
         self.node_gpus = cluster_gpus()
         self.total_gpus = min(total_gpus, sum(self.node_gpus.values()))
-        self.running: dict["ray.ObjectRef", _Running] = {}
+        self.running: dict[ray.ObjectRef, _Running] = {}
 
     @property
     def held_gpus(self) -> int:

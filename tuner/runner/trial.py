@@ -8,9 +8,10 @@ import secrets
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tuner.engines import get_engine
 from tuner.engines.base import Launch, remove_key_file

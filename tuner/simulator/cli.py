@@ -8,8 +8,16 @@ import os
 from pathlib import Path
 
 from tuner.errors import InputError
-from tuner.simulator.config import (ATTENTION_BACKENDS, FAULTS, KV_CACHE_DTYPES, QUANTIZATIONS, SIM_ENGINES,
-                                    SimConfig, parse_speculative_config, parse_token_count)
+from tuner.simulator.config import (
+    ATTENTION_BACKENDS,
+    FAULTS,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    SIM_ENGINES,
+    SimConfig,
+    parse_speculative_config,
+    parse_token_count,
+)
 from tuner.simulator.constants import PerfConstants, load_constants
 
 API_KEY_ENV = "SERVETUNE_API_KEY"  # the key, kept off the command line

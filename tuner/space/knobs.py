@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from importlib.resources import files
 from dataclasses import dataclass, field, replace
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
-
 
 from tuner.errors import InputError
 from tuner.yamlfile import read_yaml

@@ -26,7 +26,6 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-
 from tuner.outcome import Outcome
 from tuner.space.knobs import SearchSpace
 

@@ -80,7 +80,7 @@ class RunResults:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunResults":
+    def from_dict(cls, data: dict[str, Any]) -> RunResults:
         data = dict(data)
         data["cells"] = [CellResult(**c) for c in data.get("cells", [])]
         data["comparisons"] = [CellComparison(**{**c, "changes": [MetricChange(**m) for m in c.get("changes", [])]})

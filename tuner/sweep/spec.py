@@ -27,11 +27,11 @@ import yaml
 
 from tuner.engines import engine_names, get_engine
 from tuner.errors import InputError
-from tuner.yamlfile import read_yaml
 from tuner.hardware.gpus import get_gpu
 from tuner.loadgen.slo import SLO, parse_slo
 from tuner.models.shapes import get_shape
 from tuner.records.objectives import Objectives
+from tuner.yamlfile import read_yaml
 
 TOP_KEYS = {"name", "description", "trials", "slo", "latency", "sim_time_scale", "sampler", "seed",
             "engine_python", "engine_args", "mlflow_uri", "repeats", "noise_threshold", "noise_floor", "matrix"}
