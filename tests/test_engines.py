@@ -156,7 +156,8 @@ def test_every_flag_of_one_config_exists_in_the_pinned_versions_help(version):
 def test_engine_metrics_derive_spec_decode_acceptance_from_a_real_scrape():
     # vLLM (CPU build) with n-gram drafting, 4 requests on a prompt that repeats itself
     metrics = get_engine("vllm").engine_metrics((FIXTURES / "metrics-spec-decode-ngram.txt").read_text())
-    assert metrics["spec_decode_num_draft_tokens_total"] == 152 and metrics["spec_decode_num_accepted_tokens_total"] == 140
+    assert metrics["spec_decode_num_draft_tokens_total"] == 152
+    assert metrics["spec_decode_num_accepted_tokens_total"] == 140
     assert metrics["spec_decode_acceptance_rate"] == pytest.approx(140 / 152)
     assert metrics["spec_decode_mean_accepted_length"] == pytest.approx(1 + 140 / 52)
     assert metrics["prefix_cache_hit_rate"] == 0.0  # 80 queries, no hit
@@ -178,7 +179,8 @@ def test_a_missing_module_at_start_is_an_environment_failure_naming_the_module(e
     log = (FIXTURES / "fail-missing-module-fp8.log").read_text()
     assert get_engine(engine).classify_failure(1, log) == Outcome.ENVIRONMENT == "environment"
     assert missing_module(log) == "compressed_tensors"
-    raw = "Traceback (most recent call last):\n  File \"x.py\", line 1\nImportError: cannot import name 'f' from 'flashinfer.x'"
+    raw = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+           "ImportError: cannot import name 'f' from 'flashinfer.x'")
     assert get_engine(engine).classify_failure(1, raw) == Outcome.ENVIRONMENT and missing_module(raw) == "flashinfer.x"
 
 

@@ -151,8 +151,9 @@ def test_a_closed_pipe_ends_the_output_quietly(tmp_path):
 
 
 def test_inherited_ignored_sigint_is_reset(tmp_path):
-    code = ("import signal; from tuner.cli import main; main(['workload', 'inspect', %r]); "
-            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)" % str(native_trace(tmp_path / "t")))
+    trace = str(native_trace(tmp_path / "t"))
+    code = (f"import signal; from tuner.cli import main; main(['workload', 'inspect', {trace!r}]); "
+            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `cmd &` in a script
     assert done.stdout.strip().endswith("True"), done.stdout + done.stderr

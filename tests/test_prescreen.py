@@ -84,5 +84,6 @@ def test_the_defaults_baseline_always_launches_with_its_prediction(tmp_path, mon
     assert prescreen.screen(study, trial, "vllm", {"max_num_seqs": 1, "max_num_batched_tokens": 512}, baseline=True)
     assert trial.user_attrs["predicted"]["output_throughput"] > 0
     refused = study.ask()
-    assert not prescreen.screen(study, refused, "vllm", {"attention_backend": "FLEX_ATTENTION", "kv_cache_dtype": "fp8"})
+    config = {"attention_backend": "FLEX_ATTENTION", "kv_cache_dtype": "fp8"}
+    assert not prescreen.screen(study, refused, "vllm", config)
     assert refused.user_attrs["predicted"]["refused"].startswith("ValueError: Selected backend")

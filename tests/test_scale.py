@@ -207,7 +207,8 @@ def test_killed_actor_is_requeued_once_then_failed_and_leaves_no_server(tmp_path
     first = study.trials[0]
     assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["failure"] == "lost"
     assert first.user_attrs["requeued"] is True and "queued to run again" in first.user_attrs["message"]
-    assert first.user_attrs["message"].startswith("trial actor lost (") and "killed by `ray.kill`" in first.user_attrs["message"]
+    message = first.user_attrs["message"]
+    assert message.startswith("trial actor lost (") and "killed by `ray.kill`" in message
     retry = next(t for t in study.trials if t.user_attrs.get("requeued_from") == 0)
     assert retry.params == first.params and retry.user_attrs.get("baseline") is True
     assert retry.state == optuna.trial.TrialState.FAIL and retry.user_attrs["failure"] == "lost"
@@ -219,7 +220,8 @@ def test_killed_actor_is_requeued_once_then_failed_and_leaves_no_server(tmp_path
     # no server outlived its actor: the process group went with it
     assert len(killed) == 2
     for number, pids in killed.items():
-        assert _eventually(lambda: processes_with_token(f"{prefix}{number}/", prefix=True) == [], timeout_s=15)
+        assert _eventually(lambda: processes_with_token(f"{prefix}{number}/", prefix=True) == [],  # noqa: B023
+                           timeout_s=15)  # (waited on in this iteration)
         assert all(not Path(f"/proc/{pid}").exists() or _zombie(pid) for pid in pids)
 
 
@@ -275,7 +277,7 @@ def _stop_cluster(temp_dir: str) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        if _eventually(lambda: all(_zombie(pid) for pid in pids), timeout_s=grace_s):
+        if _eventually(lambda: all(_zombie(pid) for pid in pids), timeout_s=grace_s):  # noqa: B023 (this iteration)
             return
 
 

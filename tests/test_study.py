@@ -212,6 +212,7 @@ def test_finalists_are_measured_again_and_their_capacity_found(tmp_path, capsys)
     failing = [rate for rate, _, holds in capacity["probes"] if not holds]
     assert capacity["capacity_rps"] == max(holding) and (capacity["at_least"] or min(failing) > max(holding))
     # successive halving scored every trial that ran to its end at each of the three rungs
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("baseline")]
+    complete = [t for t in study.trials
+                if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("baseline")]
     assert complete and all(len(t.user_attrs["rung_scores"]) == 3 for t in complete)
     assert "Finalists measured again" in (run_dir / "report.md").read_text()

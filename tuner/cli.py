@@ -19,7 +19,8 @@ SUBCOMMANDS = {
     "bench": ("tuner.loadgen.cli", "replay a workload against a running OpenAI-compatible server"),
     "sim-serve": ("tuner.simulator.cli", "serve the simulated engine (a performance model, not a GPU)"),
     "export": ("tuner.export.cli", "print the recommended serve command of a study"),
-    "report": ("tuner.report.cli", "a study's report (Pareto front, baseline, goodput, importances); several side by side"),
+    "report": ("tuner.report.cli",
+               "a study's report (Pareto front, baseline, goodput, importances); several side by side"),
     "sweep": ("tuner.sweep.cli", "run a matrix of studies from a spec and compare with the last run (nightly)"),
     "run": ("tuner.study.cli", "tune a server configuration against a workload (the default)"),
 }

@@ -111,7 +111,8 @@ def breakdown(c: dict) -> dict[str, float]:
 def show(label: str, c: dict) -> None:
     spans = c["spans"]
     sizes = sorted(s["gpus"] for s in spans)
-    print(f"\n{label}: {c['trials']} trials, sizes {dict((g, sizes.count(g)) for g in sorted(set(sizes)))} (GPUs: trials)")
+    counts = {g: sizes.count(g) for g in sorted(set(sizes))}
+    print(f"\n{label}: {c['trials']} trials, sizes {counts} (GPUs: trials)")
     print(f"  campaign wall-clock       {c['wall_s']:8.1f} s   (tune end to end {c['tune_wall_s']:.1f} s, "
           "with Ray start and report)")
     print(f"  GPU time held             {c['held_gpu_s']:8.1f} GPU-s (wall-clock x {c['gpus']})")

@@ -217,7 +217,7 @@ def render(rows: list[dict], refused: list, fits: dict[str, Calibration], second
         for r in sorted(mine, key=lambda r: (r["key"], -r["real"]["output_throughput"])):
             real = r["real"]
 
-            def ratio(metric: str, which: str) -> str:
+            def ratio(metric: str, which: str, r: dict = r, real: dict = real) -> str:
                 value = r[which].get(metric)
                 return f"{value / real[metric]:.2f}" if value else "–"
             config = ", ".join(f"{k}={v}" for k, v in r["config"].items())

@@ -25,7 +25,8 @@ class SglangEngine(Engine):
         (Outcome.OOM_STARTUP, r"Not enough memory\. Please try to increase --mem-fraction-static|"
                               r"Capture cuda graph failed"),
         (Outcome.OOM_LOAD, r"OutOfMemoryError|CUDA out of memory"),
-        (Outcome.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
+        (Outcome.UNSUPPORTED,
+         r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
         (Outcome.INVALID_CONFIG, r"error: (argument|unrecognized|ambiguous option)|invalid choice"),
     ))
 

@@ -27,7 +27,8 @@ class SimEngine(Engine):
                               r"the model's max seq len|out of memory"),
         (Outcome.INVALID_CONFIG, r"must be greater than or equal to|must be divisible by|is smaller than "
                                  r"max_model_len|is greater than the derived max_model_len|error: argument"),
-        (Outcome.UNSUPPORTED, r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
+        (Outcome.UNSUPPORTED,
+         r"(Error|Exception): .*(\bnot supported\b|\bunsupported\b|is not valid for this configuration)"),
     ))
 
     def program(self, launch: Launch) -> list[str]:

@@ -2,7 +2,8 @@
 
 The pick ranks by the study's first objective (goodput, per GPU where trials use different numbers of
 GPUs, when the study has an SLO): configurations that meet the SLO first, then reliable measurements,
-then the objective, then the smallest SLO miss. It never comes back empty while a trial completed: with no configuration meeting
+then the objective, then the smallest SLO miss. It never comes back empty while a trial completed: with no
+configuration meeting
 the SLO it is the best of the rest (`tuner.records.recommend` says what it misses). When the trace offers
 less load than the servers take (they all finish at the offered rate), objective values within
 `LOAD_BOUND_TIE` of the best are a tie: fewer GPUs, then the lower first latency, win.

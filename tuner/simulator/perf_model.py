@@ -24,7 +24,8 @@ brackets:
               peak is the FP8 rate for --quantization fp8 on FP8 GPUs; MoE reads only the experts the
               batch touches: expert bytes x (1 - (1 - k/E)^T), at half the dense kernels' efficiency
               (5% better with --enable-expert-parallel)
-    prefill attention = max(4 x layers x heads x head_dim x (query, key) pairs / TP / (bf16 peak x [attention mfu] x backend),
+    prefill attention = max(4 x layers x heads x head_dim x (query, key) pairs / TP
+                                / (bf16 peak x [attention mfu] x backend),
                             KV bytes of the chunks' context / (HBM x [kv bw] x backend))
     decode attention  = KV bytes the decodes read / (HBM x [kv bw] x backend), added to the prefill's:
               in a mixed batch the decodes' KV reads are not hidden under the prefill's compute.

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--gpus", type=int, default=1, help="GPUs to use; logical GPUs for the simulator")
     m.add_argument("--gpu", default=None, help="GPU model for the simulator and constraints (h100, h200, a100...)")
     m.add_argument("--engine-python", default=sys.executable, help="python that has the engine installed")
-    m.add_argument("--engine-arg", action="append", default=[], help="extra flags for every server, e.g. --engine-arg='--enforce-eager' (repeat)")
+    m.add_argument("--engine-arg", action="append", default=[],
+                   help="extra flags for every server, e.g. --engine-arg='--enforce-eager' (repeat)")
     m.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for every server (repeat)")
     m.add_argument("--max-model-len", type=int, default=None,
                    help="context length given to every server (default: the workload's longest request)")
@@ -299,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
     storage_url = args.storage or f"sqlite:///{(out / 'optuna.db').resolve()}"
     options = TuneOptions(
         workload=workload, requests=requests, workload_digest=trace_digest(workload), engines=engines,
-        model=model, shape=shape, gpus=args.gpus, gpu=gpu or (get_engine(engines[0]).default_gpu if simulated else None),
+        model=model, shape=shape, gpus=args.gpus,
+        gpu=gpu or (get_engine(engines[0]).default_gpu if simulated else None),
         trials=trials, budget_s=budget, objectives=objectives, slo=slo, sampler=args.sampler, seed=args.seed,
         study_name=study_name, storage=storage_url,
         out_dir=out, mlflow_uri=None if args.no_mlflow else (args.mlflow_uri or

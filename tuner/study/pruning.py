@@ -4,7 +4,8 @@ The replay calls `on_progress` with a `ProgressSnapshot` about once a second. `S
 requests finished so far and decides from them alone, never from a guess about the rest:
 
 - *SLO lost* (only once some trial of the study meets the SLO, `stop_on_slo_lost`; while none does,
-  the recommendation is the best goodput whatever it misses, so losing a percentile stops nothing): for a target `ttft_p99=L` over N requests, the run's p99 (numpy's linear
+  the recommendation is the best goodput whatever it misses, so losing a percentile stops nothing):
+  for a target `ttft_p99=L` over N requests, the run's p99 (numpy's linear
   interpolation, over completed requests) ends above L whatever the unfinished requests do once
   `N' - floor((N' - 1) * 0.99)` completed requests are above L, where N' = N - failed is the most
   requests the percentile can be taken over. A trial that misses an SLO can never be recommended.

@@ -172,7 +172,9 @@ def make_sampler(name: str, parallel: bool, seed: int | None,
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Tuner:
