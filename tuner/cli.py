@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 from tuner import __version__
 from tuner.errors import InputError
@@ -43,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
-MAXIMIZE = "maximize"
-MINIMIZE = "minimize"
+Direction = Literal["maximize", "minimize"]  # Optuna's names
+MAXIMIZE: Final = "maximize"
+MINIMIZE: Final = "minimize"
 LATENCY_KINDS = ("ttft", "tpot", "itl", "e2e")
 LATENCY_STATS = ("mean", "p50", "p90", "p99", "max")
 _LATENCY = re.compile(r"^(ttft|tpot|itl|e2e)_(mean|p50|p90|p99|max)$")
@@ -24,7 +25,7 @@ _LATENCY = re.compile(r"^(ttft|tpot|itl|e2e)_(mean|p50|p90|p99|max)$")
 class Metric:
     name: str
     unit: str
-    direction: str  # MAXIMIZE or MINIMIZE
+    direction: Direction  # MAXIMIZE or MINIMIZE
     summary_key: str  # the run summary's field (`BenchSummary`)
     description: str
     per_gpu: bool = False  # the summary's figure divided by the trial's GPUs

@@ -140,7 +140,7 @@ class StreamAccumulator:
             self.content_chunks += 1
             if self.first_token_at is None:
                 self.first_token_at = now
-            else:
+            elif self.last_token_at is not None:  # always, once the first token came
                 self.gaps.append(now - self.last_token_at)
             self.last_token_at = now
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -143,6 +144,9 @@ def summarize(rows: list[RequestResult], duration_s: float, slo: SLO | None = No
     lags = [r.send_lag_s for r in rows]
     waits = [r.slot_wait_s for r in rows]
     cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
+    latency: dict[str, Any] = {}  # mean_ttft_ms ... max_e2e_ms: field names made at run time
+    for name, values in series.items():
+        latency.update(_stats_ms(name, values))
     summary = BenchSummary(
         completed=len(ok),
         failed=len(rows) - len(ok),
@@ -152,10 +156,7 @@ def summarize(rows: list[RequestResult], duration_s: float, slo: SLO | None = No
         request_throughput=per_second(len(ok)),
         output_throughput=per_second(total_output),
         total_token_throughput=per_second(total_input + total_output),
-        **_stats_ms("ttft", series["ttft"]),
-        **_stats_ms("tpot", series["tpot"]),
-        **_stats_ms("itl", series["itl"]),
-        **_stats_ms("e2e", series["e2e"]),
+        **latency,
         p50_send_lag_ms=_percentile_ms(lags, 50),
         p99_send_lag_ms=_percentile_ms(lags, 99),
         max_send_lag_ms=max(lags) * 1000.0 if lags else None,

@@ -206,13 +206,14 @@ class _Replay:
             for task in (drive, *self.tasks):
                 task.cancel()
             await asyncio.gather(drive, *self.tasks, return_exceptions=True)
-            if progress is not None and progress.done() and progress.exception() is not None:
-                raise progress.exception()  # on_progress itself failed
+            error = progress.exception() if progress is not None and progress.done() else None
+            if error is not None:
+                raise error  # on_progress itself failed
             return True
         finally:
-            for task in (stopped, progress):
-                if task is not None:
-                    task.cancel()
+            for waiter in (stopped, progress):
+                if waiter is not None:
+                    waiter.cancel()
             await asyncio.gather(stopped, *(t for t in [progress] if t), return_exceptions=True)
 
     async def _sleep_until(self, target_s: float) -> None:

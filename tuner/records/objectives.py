@@ -13,7 +13,7 @@ from typing import Any
 
 from tuner.errors import InputError
 from tuner.loadgen.slo import SLO
-from tuner.metrics import GOODPUT, METRICS, THROUGHPUT, is_latency, metric
+from tuner.metrics import GOODPUT, METRICS, THROUGHPUT, Direction, is_latency, metric
 
 __all__ = ["GOODPUT", "THROUGHPUT", "Objectives", "default_objectives", "slo_constraints", "summary_key"]
 
@@ -69,7 +69,7 @@ class Objectives:
         return tuple(n for n in self.names if is_latency(n)) or DEFAULT_LATENCY
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Direction]:
         return [metric(n).direction for n in self.names]
 
     def values(self, summary: dict[str, Any], gpus: int = 1) -> list[float]:

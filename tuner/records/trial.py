@@ -33,7 +33,7 @@ class TrialRecord:
     launched_at: float | None = None
     gpus: int | None = None
     node: str = ""
-    gpu_ids: list[int] = field(default_factory=list)
+    gpu_ids: list[str] = field(default_factory=list)
     cuda_visible_devices: str = ""
     nvlink: bool | None = None
     started_at: float | None = None

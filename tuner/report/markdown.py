@@ -264,11 +264,11 @@ def comparison_markdown(results: list[StudyResult], png_name: str) -> str:
     sections.append(md_table(["study", "engine", "GPUs", "model", "trials ok/failed", "best tok/s", f"best {metric} ms",
                               "best goodput req/s", "defaults tok/s", "best / defaults", "hypervolume"], rows))
     sections.append(f"![Pareto fronts]({png_name})")
-    with_best = [r for r in results if r.best is not None]
+    with_best = [(r, r.best) for r in results if r.best is not None]
     if with_best:
-        top = max(with_best, key=lambda r: r.best.value(THROUGHPUT))
+        top, best = max(with_best, key=lambda pair: pair[1].value(THROUGHPUT))
         sections.append(f"**Highest throughput{' within the SLO' if top.slo else ''}:** `{top.name}` ({top.label}), "
-                        f"trial {top.best.number}, {_num(top.best.value(THROUGHPUT))} tok/s.")
+                        f"trial {best.number}, {_num(best.value(THROUGHPUT))} tok/s.")
     with_goodput = [(r, g) for r in results if (g := r.best_goodput()) is not None]
     if with_goodput:
         result, (point, value) = max(with_goodput, key=lambda item: item[1][1])

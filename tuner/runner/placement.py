@@ -15,7 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Placement:
     node_id: str
-    gpu_ids: tuple[int, ...]
+    gpu_ids: tuple[str, ...]  # as Ray names them
     cuda_visible_devices: str
     nvlink: bool | None = None  # every TP group joined by NVLink; None: no NVML or TP = 1
 

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
@@ -63,7 +64,7 @@ def init_ray(address: str | None, gpus: int) -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Ray's "Token authentication is enabled ..." banner on every run: the default stays, the banner goes
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
         check_reachable(address)
         try:
@@ -184,7 +185,7 @@ class TrialPool:
     def submit(self, spec: TrialSpec, gpus: int) -> None:
         token = f"{self.actor_name(spec)}/{uuid.uuid4().hex[:12]}"
         group = placement_group([{"GPU": gpus, "CPU": CPUS_PER_TRIAL}], strategy="STRICT_PACK")
-        actor = TrialActor.options(
+        actor = TrialActor.options(  # type: ignore[attr-defined]  # ray.remote's typing hides .options
             num_gpus=gpus, num_cpus=CPUS_PER_TRIAL, name=self.actor_name(spec),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
         ).remote(token)

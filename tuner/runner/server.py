@@ -91,12 +91,17 @@ class ManagedServer:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if not self.alive():
-                raise ServerFailed(Outcome.CRASH, f"server exited with code {self.process.returncode} "
+                raise ServerFailed(Outcome.CRASH, f"server exited with code {self.returncode} "
                                                   "before it was ready")
             if self._health() == 200:
                 return time.monotonic() - started
             time.sleep(poll_s)
         raise ServerFailed(Outcome.STARTUP_TIMEOUT, f"server not ready after {timeout_s:.0f} s")
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code; None while the process runs or before `start()`."""
+        return None if self.process is None else self.process.returncode
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM the whole process group, then SIGKILL; returns the exit code."""
@@ -117,6 +122,7 @@ class ManagedServer:
         return self.process.returncode
 
     def _signal_group(self, sig: int) -> None:
+        assert self.process is not None  # stop() returned before this when never started
         try:
             os.killpg(self.process.pid, sig)
         except (ProcessLookupError, PermissionError):

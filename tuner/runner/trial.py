@@ -112,6 +112,8 @@ class _HangWatch:
 
 
 def _wait_exit(server: ManagedServer, timeout_s: float) -> None:
+    if server.process is None:
+        return
     try:
         server.process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -186,7 +188,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
         if requests_failed and not hang.hung:
             _wait_exit(server, EXIT_GRACE_S)  # failed requests and a dying server: a crash, not bad requests
         if not server.alive():
-            raise ServerFailed(Outcome.CRASH, f"server exited with code {server.process.returncode} "
+            raise ServerFailed(Outcome.CRASH, f"server exited with code {server.returncode} "
                                               "during the replay")
         if hang.hung:
             raise ServerFailed(Outcome.HANG, f"no request finished for {spec.hang_timeout_s:.0f} s "

@@ -39,6 +39,15 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class BatchLimits:
+    """The limits of a `resolved()` SimConfig, none of them `None`."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
 class SimConfig:
     """Everything `tune sim-serve` takes. `None` fields get vLLM's defaults in `resolved()`."""
 
@@ -108,6 +117,14 @@ class SimConfig:
     def kv_bytes_per_element(self) -> float:
         return 2.0 if self.kv_cache_dtype == "auto" else 1.0
 
+    @property
+    def limits(self) -> BatchLimits:
+        """The batch and length limits; the config must be `resolved()`."""
+        seqs, tokens, length = self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len
+        if seqs is None or tokens is None or length is None:
+            raise ValueError("SimConfig.limits needs a resolved() config")
+        return BatchLimits(seqs, tokens, length)
+
     def resolved(self) -> SimConfig:
         """This config with vLLM's hardware-dependent defaults filled in."""
         seqs, tokens = default_batch_limits(self.gpu_spec)
@@ -137,8 +154,8 @@ def default_batch_limits(gpu: GpuSpec) -> tuple[int, int]:
 def check_engine_config(config: SimConfig) -> None:
     """vLLM's config-time validation, with its messages. `config` must be resolved. The combinations an
     engine version refuses are `tuner.simulator.support.check_engine`'s, which calls this."""
-    shape = config.shape
-    if config.max_num_batched_tokens < config.max_num_seqs:
+    shape, limits = config.shape, config.limits
+    if limits.max_num_batched_tokens < limits.max_num_seqs:
         raise EngineStartupError(
             f"ValueError: max_num_batched_tokens ({config.max_num_batched_tokens}) must be greater than "
             f"or equal to max_num_seqs ({config.max_num_seqs}).")
@@ -153,11 +170,11 @@ def check_engine_config(config: SimConfig) -> None:
     if config.async_scheduling and config.pipeline_parallel_size > 1:
         raise EngineStartupError("ValueError: Async scheduling is not supported by the V1 model runner with "
                                  "pipeline parallelism. Please disable async scheduling.")
-    if config.max_model_len > shape.max_position:
+    if limits.max_model_len > shape.max_position:
         raise EngineStartupError(
             f"ValueError: User-specified max_model_len ({config.max_model_len}) is greater than the derived "
             f"max_model_len (max_position_embeddings={shape.max_position} in model's config.json).")
-    if not config.enable_chunked_prefill and config.max_num_batched_tokens < config.max_model_len:
+    if not config.enable_chunked_prefill and limits.max_num_batched_tokens < limits.max_model_len:
         raise EngineStartupError(
             f"ValueError: max_num_batched_tokens ({config.max_num_batched_tokens}) is smaller than "
             f"max_model_len ({config.max_model_len}). This effectively limits the maximum sequence length to "

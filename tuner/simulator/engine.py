@@ -20,6 +20,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -93,10 +94,11 @@ class SimScheduler:
         self.memory: MemoryPlan = self.perf.memory_plan()
         self.block_size = config.block_size
         self.kv = KVCache(self.memory.num_blocks, config.block_size)
-        self.hasher = PrefixHasher(config.max_model_len, config.block_size, config.seed) \
+        limits = config.limits
+        self.hasher = PrefixHasher(limits.max_model_len, config.block_size, config.seed) \
             if config.enable_prefix_caching else None
-        self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_seqs = limits.max_num_seqs
+        self.max_num_batched_tokens = limits.max_num_batched_tokens
         self.chunked_prefill = config.enable_chunked_prefill
         spec = config.speculative
         self.spec_tokens = spec.num_speculative_tokens if spec else 0
@@ -427,7 +429,8 @@ def simulate(config: SimConfig, arrivals: Iterable[SimArrival], max_concurrency:
             raise RuntimeError("simulated engine made no progress (request larger than the KV cache?)")
         for request, _ in output.produced:
             if request.finished:
-                arrival = request.user_data
+                arrival = cast(SimArrival, request.user_data)
+                assert request.first_token_time is not None and request.finish_time is not None
                 results.append(SimRequestResult(arrival.arrival_s, sent_at.pop(request.request_id),
                                              request.first_token_time, request.finish_time, request.prompt_len,
                                              request.num_output, request.cached_tokens, request.num_preemptions))

@@ -127,8 +127,10 @@ class PerfModel:
     """Memory plan and step time of one replica for a resolved `SimConfig`."""
 
     def __init__(self, config: SimConfig) -> None:
-        if config.max_num_seqs is None:
+        max_num_seqs = config.max_num_seqs
+        if max_num_seqs is None:
             config = config.resolved()
+            max_num_seqs = config.limits.max_num_seqs
         self.config = config
         shape, gpu = config.shape, config.gpu_spec
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
@@ -179,7 +181,7 @@ class PerfModel:
         self.hidden = shape.hidden_size
         self.num_layers = shape.num_layers
         self.interconnect_bw = gpu.interconnect_gb_s * 1e9 * INTERCONNECT_EFFICIENCY
-        self.graph_max_batch = min(2 * config.max_num_seqs, MAX_CUDA_GRAPH_BATCH)
+        self.graph_max_batch = min(2 * max_num_seqs, MAX_CUDA_GRAPH_BATCH)
         self.expert_parallel = bool(config.enable_expert_parallel and shape.num_experts
                                     and tp * config.data_parallel_size > 1)
 
@@ -187,12 +189,12 @@ class PerfModel:
 
     def memory_plan(self) -> MemoryPlan:
         """The KV cache vLLM would allocate; raises `EngineStartupError` with vLLM's message if none fits."""
-        config, shape = self.config, self.config.shape
+        config, shape, limits = self.config, self.config.shape, self.config.limits
         usable = config.gpu_spec.memory_bytes * config.gpu_memory_utilization
         weights = self.total_weight_bytes / (self.tp * self.pp)
-        tokens = config.max_num_batched_tokens
+        tokens = limits.max_num_batched_tokens
         activations = (tokens * (2 * self.active_intermediate / self.tp + 2 * shape.hidden_size) * 2
-                       + min(config.max_num_seqs, tokens) * shape.vocab_size / self.tp * 4)
+                       + min(limits.max_num_seqs, tokens) * shape.vocab_size / self.tp * 4)
         graphs = 0.0 if config.enforce_eager else (0.1 + 0.2 * self.graph_max_batch / MAX_CUDA_GRAPH_BATCH) * GIB
         non_torch = NON_TORCH_BYTES + (NCCL_BUFFER_BYTES if self.tp * self.pp > 1 else 0.0)
         kv_bytes = usable - weights - activations - graphs - non_torch
@@ -205,8 +207,8 @@ class PerfModel:
                 f"{usable / GIB:.2f} GiB usable at gpu_memory_utilization={config.gpu_memory_utilization})")
         plan = MemoryPlan(usable, weights, activations, graphs, non_torch, num_blocks * block_bytes,
                           self.kv_bytes_per_token_gpu, num_blocks, config.block_size)
-        if plan.capacity_tokens < config.max_model_len:
-            needed = config.max_model_len * self.kv_bytes_per_token_gpu
+        if plan.capacity_tokens < limits.max_model_len:
+            needed = limits.max_model_len * self.kv_bytes_per_token_gpu
             raise EngineStartupError(
                 f"ValueError: To serve at least one request with the model's max seq len ({config.max_model_len}), "
                 f"({needed / GIB:.2f} GiB KV cache is needed, which is larger than the available KV cache memory "

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 from aiohttp import web
@@ -133,7 +134,7 @@ class Replica:
             if self.frozen:
                 continue
             for request, _ in output.produced:
-                stream: TokenStream = request.user_data
+                stream = cast(TokenStream, request.user_data)
                 stream.produced = request.num_output
                 if request.finished:
                     stream.finished = True
@@ -179,10 +180,12 @@ class SimServer:
         log.info("Available KV cache memory: %.2f GiB", plan.kv_cache_bytes / gib)
         for replica in self.replicas:
             log.info("[DP%d] GPU KV cache size: %s tokens", replica.index, f"{replica.engine.memory.capacity_tokens:,}")
-        log.info("Maximum concurrency for %s tokens per request: %.2fx", f"{config.max_model_len:,}",
-                 plan.max_concurrency(config.max_model_len))
+        max_model_len = config.limits.max_model_len
+        log.info("Maximum concurrency for %s tokens per request: %.2fx", f"{max_model_len:,}",
+                 plan.max_concurrency(max_model_len))
 
     def start_loops(self) -> None:
+        assert self.clock is not None, "build_engines() first"
         self.clock.start = time.monotonic()
         self._tasks = [asyncio.get_running_loop().create_task(replica.run()) for replica in self.replicas]
 
@@ -273,7 +276,7 @@ class SimServer:
             raise RequestError(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
         prompt_ids = parse_messages(body.get("messages")) if chat else parse_prompt(body.get("prompt"))
         prompt_len = len(prompt_ids)
-        max_model_len = self.config.max_model_len
+        max_model_len = self.config.limits.max_model_len
         if prompt_len >= max_model_len:
             raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, your "
                                f"request has {prompt_len} input tokens. Please reduce the length of the input.",
@@ -439,10 +442,11 @@ class SimServer:
             for replica in self.replicas:
                 replica.frozen = True
                 for engine_request in list(replica.engine.running) + list(replica.engine.waiting):
-                    stream: TokenStream = engine_request.user_data
+                    stream = cast(TokenStream, engine_request.user_data)
                     stream.error = "EngineCore encountered an issue. See stack trace (above) for the root cause."
                     stream.event.set()
             self.exit_code = 1
+            assert self.stop_event is not None  # set by _serve before any request
             asyncio.get_running_loop().call_later(0.5, self.stop_event.set)
         elif fault == "hang-under-load" and not self.replicas[0].frozen:
             log.warning("simulated fault: engine hang under load (steps stop, /health stays 200)")
@@ -616,6 +620,7 @@ async def _serve(server: SimServer) -> int:
 
 async def _sleep_or_stop(server: SimServer, seconds: float) -> bool:
     """Sleep, unless a stop signal comes first (then True)."""
+    assert server.stop_event is not None
     try:
         await asyncio.wait_for(server.stop_event.wait(), timeout=max(seconds, 0.0))
         return True

@@ -37,10 +37,12 @@ def num_experts(model: ModelShape | Mapping[str, Any] | str | Path) -> int | Non
         if path.name != "config.json" or not path.is_file():
             return None
         try:
-            model = json.loads(path.read_text())
+            loaded = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-    config = dict(model)
+        config = dict(loaded)
+    else:
+        config = dict(model)
     config.update(config.get("text_config") or {})  # multimodal models keep the language model's here
     return max((int(config[k]) for k in EXPERT_KEYS if isinstance(config.get(k), int)), default=0)
 

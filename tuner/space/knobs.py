@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from tuner.errors import InputError
 from tuner.yamlfile import read_yaml
@@ -66,7 +66,16 @@ class Knob:
     def changes_output(self, value: Any) -> bool:
         if self.changes_outputs is True:
             return str(value) != str(self.engine_default)
-        return bool(self.changes_outputs) and str(value) in {str(v) for v in self.changes_outputs}
+        if isinstance(self.changes_outputs, bool):  # False: no value does
+            return False
+        return str(value) in {str(v) for v in self.changes_outputs}
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of an int or float knob."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"knob {self.name} ({self.type}) has no low/high")
+        return self.low, self.high
 
     @property
     def fixed_value(self) -> Any:
@@ -93,6 +102,7 @@ class Knob:
                 if text in ("0", "false", "off", "no"):
                     return False
                 raise ValueError
+            value: float
             if self.type == "int":
                 value = int(str(raw))
             elif self.type == "float":
@@ -106,7 +116,8 @@ class Knob:
                 return matches[0]
         except ValueError:
             raise InputError(f"{raw!r} is not a valid {self.type}", file=where, field=self.name) from None
-        if not (self.low <= value <= self.high):
+        low, high = self.bounds
+        if not (low <= value <= high):
             raise InputError(f"{value} is outside [{self.low}, {self.high}]", file=where, field=self.name)
         return value
 
@@ -185,7 +196,7 @@ def _parse_condition(text: Any, path: Path, name: str) -> Condition | None:
                      file=str(path), field=f"knobs.{name}.when")
 
 
-def _is_number(value: Any, integer: bool = False) -> bool:
+def _is_number(value: Any, integer: bool = False) -> TypeGuard[float]:
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         return False
     return math.isfinite(value)
@@ -264,6 +275,8 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
             raise InputError("a log-scaled knob needs low > 0", file=str(path), field=f"{where}.log")
     if "default" not in spec:
         raise InputError("missing 'default'", file=str(path), field=f"{where}.default")
+    marks = spec.get("changes_outputs")
+    changes_outputs: bool | tuple[Any, ...] = marks if isinstance(marks, bool) else tuple(marks or ()) or False
     knob = Knob(name=name, type=kind, default=spec["default"], choices=choices, low=low, high=high,
                 log=bool(spec.get("log", False)), step=spec.get("step"), group=spec.get("group", ""),
                 when=_parse_condition(spec.get("when"), path, name), flag=spec.get("flag"),
@@ -272,8 +285,7 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
                 value_from=spec.get("value_from"), option=spec.get("option"), option_off=spec.get("option_off"),
                 doc=spec.get("doc", ""), engine_default=spec["default"], moe_only=bool(spec.get("moe_only")),
                 needs=tuple((value, tuple(modules)) for value, modules in (spec.get("needs") or {}).items()),
-                changes_outputs=(spec.get("changes_outputs") if isinstance(spec.get("changes_outputs"), bool)
-                                 else tuple(spec.get("changes_outputs") or ()) or False))
+                changes_outputs=changes_outputs)
     # the engine's default may lie outside the searched range (trial 0 runs it anyway), not its type
     if kind == "bool" and not isinstance(knob.default, bool):
         raise InputError("default must be true or false", file=str(path), field=f"{where}.default")

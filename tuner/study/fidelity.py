@@ -268,8 +268,8 @@ def estimates_of(summaries: Sequence[dict[str, Any]], metrics: Sequence[str] = F
     """Mean and 95% CI of every metric that all `summaries` have."""
     estimates = {}
     for name in metrics:
-        values = [s.get(name) for s in summaries]
-        if values and all(v is not None for v in values):
+        values = [s[name] for s in summaries if s.get(name) is not None]
+        if values and len(values) == len(summaries):
             estimates[name] = confidence_interval(values)
     return estimates
 

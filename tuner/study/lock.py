@@ -15,12 +15,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import optuna
 
 from tuner.errors import InputError
+from tuner.metrics import Direction
 
 KEY = "servetune:lock"
 HEARTBEAT_S = 30.0
@@ -69,7 +70,7 @@ class StudyLock:
 
     @classmethod
     def acquire(cls, storage: optuna.storages.BaseStorage, study_name: str,
-                directions: list[optuna.study.StudyDirection] | list[str],
+                directions: Sequence[optuna.study.StudyDirection | Direction],
                 say: Callable[[str], None] = print) -> StudyLock:
         study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                     load_if_exists=True)

@@ -12,13 +12,14 @@ from tuner.space.knobs import Knob, SearchSpace
 def _suggest(trial: optuna.Trial, name: str, knob: Knob) -> Any:
     if knob.type in ("categorical", "bool"):
         return trial.suggest_categorical(name, list(knob.choices))
+    low, high = knob.bounds
     if knob.type == "int":
         if knob.log:
-            return trial.suggest_int(name, int(knob.low), int(knob.high), log=True)
-        return trial.suggest_int(name, int(knob.low), int(knob.high), step=int(knob.step or 1))
+            return trial.suggest_int(name, int(low), int(high), log=True)
+        return trial.suggest_int(name, int(low), int(high), step=int(knob.step or 1))
     if knob.log:
-        return trial.suggest_float(name, knob.low, knob.high, log=True)
-    value = trial.suggest_float(name, knob.low, knob.high, step=knob.step)
+        return trial.suggest_float(name, low, high, log=True)
+    value = trial.suggest_float(name, low, high, step=knob.step)
     return round(value, 6) if knob.step else value  # 0.88, not 0.8799999999999999
 
 

@@ -87,8 +87,8 @@ class Scheduler:
             self._launch_fitting()
             out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
             if out_of_time and self.pending:
-                for proposal in self.pending:
-                    self.put_back(proposal)
+                for unlaunched in self.pending:
+                    self.put_back(unlaunched)
                 self.pending.clear()
             in_flight = len(self.pool) + len(self.pending)
             wanted = not out_of_time and self.rejected <= self.max_rejected and self.wanted(in_flight)

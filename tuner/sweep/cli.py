@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tuner.report.results import StudyResult
     from tuner.report.write import write_comparison
     from tuner.sweep.compare import choose_threshold, compare_run
     from tuner.sweep.results import history
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else spec.path.parent / spec.name
     runs_dir = out / "runs"
     earlier = history(runs_dir) if runs_dir.is_dir() else []
-    studies = []
+    studies: list[StudyResult] = []
     if args.compare_only:
         if not earlier:
             raise InputError(f"no recorded run in {runs_dir}", field="compare-only")

@@ -86,7 +86,7 @@ def measure_defaults_again(options, repeats: int) -> list[dict[str, float | None
     options = replace(options, study_name=f"{options.study_name}-repeats", trials=repeats, mlflow_uri=None)
     tuner = Tuner(options)
     study = optuna.create_study(study_name=options.study_name, storage=options.storage,
-                                directions=options.objectives.directions, load_if_exists=True)
+                                directions=tuner.objectives.directions, load_if_exists=True)
     if not study.trials:
         for _ in range(repeats):
             study.enqueue_trial(baseline_params(tuner.spaces, options.engines[0]), user_attrs={"baseline": True},
@@ -134,7 +134,7 @@ def _unmeasured(cell: Cell, status: str) -> CellResult:
 
 
 def run_sweep(spec: SweepSpec, work_dir: Path, repeats: int,
-              say: Callable[[str], None] = print) -> tuple[RunResults, list]:
+              say: Callable[[str], None] = print) -> tuple[RunResults, list[StudyResult]]:
     """Every cell, one after the other. Returns the run's results and the cells' study results."""
     from tuner.runner import ray_local_only
 

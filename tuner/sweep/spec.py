@@ -72,7 +72,7 @@ class SweepSpec:
     cells: list[Cell]
     trials: int = 6
     slo: SLO | None = None
-    objectives: Objectives = field(default_factory=Objectives)
+    objectives: Objectives | None = field(default_factory=Objectives)  # None: the tuner's default_objectives
     sim_time_scale: float = 10.0
     sampler: str = "tpe"
     seed: int | None = 1
