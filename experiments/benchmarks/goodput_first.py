@@ -55,10 +55,10 @@ from tuner.loadgen.slo import parse_slo
 from tuner.outcome import Outcome
 from tuner.records.objectives import Objectives, slo_constraints
 from tuner.records.pareto import Point, pick
+from tuner.records.reliability import unreliable_reasons
 from tuner.study.feasibility import PREDICTED_INFEASIBLE, FeasibilityModel, observations_from_study, tell_infeasible
 from tuner.study.fidelity import RungWatch, SuccessiveHalving, stopped_constraints
 from tuner.study.pruning import SloPruner
-from tuner.records.reliability import unreliable_reasons
 from tuner.workload.request import TraceRequest
 
 SLO = parse_slo("ttft_p90=5s,tpot_p90=20ms")
