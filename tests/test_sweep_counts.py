@@ -8,8 +8,8 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
+from tuner.records.objectives import Objectives
 from tuner.report.results import load_result
-from tuner.study.objectives import Objectives
 from tuner.sweep.run import cell_result
 from tuner.sweep.spec import Cell, WorkloadSpec
 
