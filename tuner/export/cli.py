@@ -27,12 +27,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tuner.export.command import choose, load_study, options_file, output_note, shell_line, yaml_config
+    from tuner.export.command import (
+        choose,
+        load_study,
+        options_file,
+        output_note,
+        shell_line,
+        study_objectives,
+        yaml_config,
+    )
     from tuner.loadgen.slo import parse_slo
 
     storage = args.storage or f"sqlite:///{Path('servetune-runs/optuna.db').resolve()}"
     study = load_study(args.study, storage)
     point = choose(study, parse_slo(args.slo) if args.slo else None, args.prefer)
+    if not point.feasible:
+        print(f"note: no trial met every SLO percentile; trial {point.number} has the best "
+              f"{study_objectives(study).primary} (see `tune report {args.study}` for what it misses)",
+              file=sys.stderr)
     note = output_note(study, point)
     if note:  # a comment in every format, so that it travels with the exported file
         print(note)
