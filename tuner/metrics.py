@@ -17,6 +17,7 @@ Direction = Literal["maximize", "minimize"]  # Optuna's names
 MAXIMIZE: Final = "maximize"
 MINIMIZE: Final = "minimize"
 LATENCY_KINDS = ("ttft", "tpot", "itl", "e2e")
+PER_REQUEST_KINDS = ("ttft", "tpot", "e2e")  # one value per request: what an SLO target can bound
 LATENCY_STATS = ("mean", "p50", "p90", "p99", "max")
 _LATENCY = re.compile(r"^(ttft|tpot|itl|e2e)_(mean|p50|p90|p99|max)$")
 
@@ -75,10 +76,15 @@ def is_latency(name: str) -> bool:
     return bool(_LATENCY.match(name))
 
 
+def request_latency_s(row: Any, kind: str) -> float | None:
+    """A request's own TTFT, TPOT or E2E in seconds (None where it has none)."""
+    return {"ttft": row.ttft_s, "tpot": row.tpot_s, "e2e": row.e2e_s}[kind]
+
+
 def request_value_s(row: Any, kind: str) -> float:
     """A request's own value of a latency kind, for goodput (vLLM's `--goodput` rules): no first token
     or no end means never good; a one-token answer has no decode, so its TPOT meets any limit."""
-    value = {"ttft": row.ttft_s, "tpot": row.tpot_s, "e2e": row.e2e_s}[kind]
+    value = request_latency_s(row, kind)
     if value is None:
         return 0.0 if kind == "tpot" else float("inf")
     return float(value)

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 
 from tuner.errors import InputError
+from tuner.metrics import PER_REQUEST_KINDS
 
-METRICS = ("ttft", "tpot", "e2e")
+METRICS = PER_REQUEST_KINDS
 _ALIASES = {"e2el": "e2e"}
 _KEY = re.compile(r"^(?P<metric>[a-z0-9]+)_p(?P<percentile>\d+(?:\.\d+)?)$")
 _VALUE = re.compile(r"^(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>ms|s)?$")

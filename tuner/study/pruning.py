@@ -24,13 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from tuner.loadgen.metrics import RequestResult
 from tuner.loadgen.replay import ProgressSnapshot
 from tuner.loadgen.slo import SLO, SloTarget
+from tuner.metrics import request_latency_s
 from tuner.outcome import Outcome
 
 SLO_LOST = Outcome.SLO_LOST
@@ -60,10 +60,6 @@ def violations_to_lose(total: int, percentile: float) -> int:
     if total <= 0:
         return 1
     return total - math.floor((total - 1) * percentile / 100.0)
-
-
-def _value_s(row: Any, metric: str) -> float | None:
-    return {"ttft": row.ttft_s, "tpot": row.tpot_s, "e2e": row.e2e_s}[metric]
 
 
 class SloPruner:
@@ -96,7 +92,7 @@ class SloPruner:
                 continue
             missed = False
             for target in self.slo.targets:
-                value = _value_s(row, target.metric)
+                value = request_latency_s(row, target.metric)
                 if value is not None:
                     self.values_ms[target.name].append(value * 1000.0)
                 if value is not None and value * 1000.0 > target.limit_ms:
