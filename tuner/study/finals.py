@@ -34,10 +34,8 @@ class Finals:
         self.trial_spec, self.offered_rate, self.say = trial_spec, offered_rate, say
 
     def run(self, pool: TrialPool) -> None:
-        """The best configurations and the defaults measured again, `repeats` times each on fresh servers with
-        re-timed arrivals (mean and 95% CI), and with `capacity` the highest rate each best one sustains within
-        the SLO. Results go to the study record's `finals` (trial number -> `remeasured`, `capacity`); a rerun
-        does not redo them. Unreliable measurements are neither chosen nor counted while reliable ones exist."""
+        """Measure the chosen configurations again (see the module docstring). Unreliable measurements are
+        neither chosen nor counted while reliable ones exist."""
         o, session = self.options, self.session
         count = o.finalists or (3 if o.capacity else 0)
         chosen = self.chosen(count) if count else []
