@@ -53,7 +53,7 @@ def test_help_shows_defaults_once(capsys):
     assert "--sampler {tpe,nsga2,random,grid}" in text and "(default: tpe)" in text
     assert "(default: 600.0)" in text  # --startup-timeout
     assert "--eta ETA successive halving keeps the top 1/eta at each rung (default: 2.0)" in text
-    assert "(--repeats times each) (default: 0)" in text  # --finalists: a default of 0 is shown too
+    assert "(default: 2 for real engines with --slo, else 0)" in text  # --finalists names its own default
     assert "(default: None)" not in text and "(default: False)" not in text
 
 

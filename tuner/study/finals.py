@@ -47,7 +47,7 @@ class Finals:
         seed = (o.seed or 0) + 1000
         span_s = o.requests[-1].arrival_s - o.requests[0].arrival_s
         runs: list[TrialSpec] = []
-        for point in chosen:
+        for index, point in enumerate(chosen):  # the `count` best, then the defaults unless among them
             if gpus_needed(point.config) > pool.largest_node:
                 self.say(f"note: trial {point.number} needs more GPUs than one node now has; not measured again")
                 continue
@@ -57,7 +57,7 @@ class Finals:
                     spec = self.trial_spec(point.number, point.engine, point.config, point.baseline)
                     spec.requests, spec.label = retimed(o.requests, seed + k), f"repeat-{k + 1}"
                     runs.append(spec)
-            if o.capacity and "capacity" not in done and o.slo is not None and span_s > 0 and not point.baseline:
+            if o.capacity and "capacity" not in done and o.slo is not None and span_s > 0 and index < count:
                 spec = self.trial_spec(point.number, point.engine, point.config, point.baseline)
                 spec.label = "capacity"
                 spec.measure = CapacitySearch(o.slo, start=(len(o.requests) - 1) / span_s,
