@@ -2,8 +2,8 @@
 minimised as the registry says; SLOs as constraints.
 
 Without an SLO the default is output throughput up, TTFT p99 and TPOT p99 down (a Pareto front).
-With an SLO the default is goodput alone (per GPU when trials may use different numbers of GPUs):
-the configuration that serves the most traffic within the SLO.
+With an SLO the default is goodput alone: the configuration that serves the most traffic within the
+SLO. Throughput and goodput are per GPU when trials may use different numbers of GPUs (`--gpus` > 1).
 """
 
 from __future__ import annotations
@@ -82,8 +82,10 @@ class Objectives:
 
 
 def default_objectives(slo: SLO | None, per_gpu: bool) -> Objectives:
+    """Goodput with an SLO, else throughput and the default latencies; per GPU when trials may use different
+    numbers of GPUs, so that a 2-GPU configuration is compared with a 1-GPU default fairly."""
     if slo is None:
-        return Objectives()
+        return Objectives(("output_throughput_per_gpu" if per_gpu else THROUGHPUT, *DEFAULT_LATENCY))
     return Objectives(("goodput_per_gpu",) if per_gpu else (GOODPUT,))
 
 

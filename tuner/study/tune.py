@@ -244,6 +244,9 @@ class Tuner:
             study.sampler = make_sampler(o.sampler, parallel, o.seed + len(study.trials), self.spaces)
         self.session = session = StudySession(study)
         stored = session.record().objectives
+        if stored and o.objectives is None and stored != list(self.objectives.names):
+            self.say(f"note: study '{o.study_name}' keeps the objectives it was created with: {', '.join(stored)}")
+            self.objectives = Objectives(tuple(stored))
         if stored and stored != list(self.objectives.names):
             raise InputError(f"study '{o.study_name}' was created with objectives {stored}, not "
                              f"{list(self.objectives.names)}; use another --study-name", field="study-name")
