@@ -105,6 +105,8 @@ def test_a_recommendation_within_noise_of_the_defaults_says_so():
 def test_a_two_gpu_configuration_is_compared_with_a_one_gpu_default_per_gpu():
     objectives = default_objectives(SLO, per_gpu=True)
     assert objectives.names == ("goodput_per_gpu",)
+    assert default_objectives(None, per_gpu=True).names == ("output_throughput_per_gpu", "ttft_p99", "tpot_p99")
+    assert default_objectives(None, per_gpu=False).primary == "output_throughput"
     default = _point(0, 2.0, 800.0, baseline=True, feasible=True)
     doubled = _point(1, 3.0, 700.0, gpus=2, feasible=True, config={"tensor_parallel_size": 2})
     assert pick([default, doubled], objectives).number == 0  # 1.5 req/s per GPU < 2.0
