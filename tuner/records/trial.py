@@ -28,7 +28,6 @@ class TrialRecord:
     engine: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     baseline: bool = False  # the engine's defaults
-    repeat_of: int | None = None  # the defaults measured again on a fresh server (trial number)
     # placed and launched
     launched_at: float | None = None
     gpus: int | None = None

@@ -262,18 +262,19 @@ class PerfModel:
         return gpu + cpu
 
     def prefill_attention_time(self, batch: StepBatch) -> float:
-        if not batch.prefill_tokens:
-            return 0.0
-        compute = batch.prefill_pairs * self.attention_flops_per_pair / self.attention_flops_rate
-        memory = (batch.prefill_context + batch.prefill_tokens) * self.kv_bytes_per_token_step / self.kv_bw
-        return max(compute, memory)
+        return self._attention_time(batch.prefill_tokens, batch.prefill_pairs, batch.prefill_context)
 
     def decode_attention_time(self, batch: StepBatch) -> float:
         """Decodes read their whole KV once per step: memory-bound, whatever else the batch computes."""
-        if not batch.decode_tokens:
+        return self._attention_time(batch.decode_tokens, batch.decode_pairs, batch.decode_context)
+
+    def _attention_time(self, tokens: int, pairs: float, context: int) -> float:
+        """Roofline of one kind of attention (prefill or decode), priced on its own: compute over the
+        query-key pairs against reading the KV of `context + tokens` tokens."""
+        if not tokens:
             return 0.0
-        compute = batch.decode_pairs * self.attention_flops_per_pair / self.attention_flops_rate
-        memory = (batch.decode_context + batch.decode_tokens) * self.kv_bytes_per_token_step / self.kv_bw
+        compute = pairs * self.attention_flops_per_pair / self.attention_flops_rate
+        memory = (context + tokens) * self.kv_bytes_per_token_step / self.kv_bw
         return max(compute, memory)
 
     def draft_time(self, batch: StepBatch) -> float:

@@ -47,7 +47,7 @@ class StudySession:
         for trial in stale:
             interrupted.append(trial.number)
             self.study.tell(trial.number, state=TrialState.FAIL)
-            keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "repeat_of")}
+            keep = {k: v for k, v in trial.user_attrs.items() if k == "baseline"}
             self.study.enqueue_trial(trial.params, user_attrs=keep, skip_if_exists=False)
         self.save_study(interrupted=interrupted)
         return len(stale)
@@ -83,8 +83,6 @@ class StudySession:
         rec = self.trial_record(number)
         self.tell_failed(number, Outcome.INTERRUPTED, "not launched before the budget ran out")
         keep: dict[str, Any] = {"baseline": True} if rec.baseline else {}
-        if rec.repeat_of is not None:
-            keep["repeat_of"] = rec.repeat_of
         self.study.enqueue_trial(trial.params, user_attrs=keep, skip_if_exists=False)
 
     def requeue(self, number: int, lost_from: int) -> None:
@@ -92,8 +90,6 @@ class StudySession:
         keep: dict[str, Any] = {"requeued_from": lost_from}
         if rec.baseline:
             keep["baseline"] = True
-        if rec.repeat_of is not None:
-            keep["repeat_of"] = rec.repeat_of
         self.study.enqueue_trial(self.live[number].params, skip_if_exists=False, user_attrs=keep)
 
     def trial_record(self, number: int) -> TrialRecord:
