@@ -83,7 +83,51 @@ def test_the_defaults_baseline_always_launches_with_its_prediction(tmp_path, mon
     trial = study.ask()
     assert prescreen.screen(study, trial, "vllm", {"max_num_seqs": 1, "max_num_batched_tokens": 512}, baseline=True)
     assert trial.user_attrs["predicted"]["output_throughput"] > 0
+    assert prescreen.scores[1] == trial.user_attrs["predicted"]["output_throughput"]  # the bar proposals must pass
     refused = study.ask()
     config = {"attention_backend": "FLEX_ATTENTION", "kv_cache_dtype": "fp8"}
     assert not prescreen.screen(study, refused, "vllm", config)
     assert refused.user_attrs["predicted"]["refused"].startswith("ValueError: Selected backend")
+
+
+def _one_real_result(study: optuna.Study, config: dict) -> None:
+    trial = study.ask()
+    trial.set_user_attr("engine", "vllm")
+    trial.set_user_attr("config", config)
+    summary = real_engine(config)
+    trial.set_user_attr("summary", summary)
+    study.tell(trial, [summary["output_throughput"], summary["p99_ttft_ms"], summary["p99_tpot_ms"]])
+
+
+def test_a_cached_calibration_lets_screening_start_after_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = "h100-vllm-0.26.0-llama-3.1-8b"
+
+    def prescreen() -> Prescreen:
+        return Prescreen(gpu="h100", shape="llama-3.1-8b", engine_versions={"vllm": "0.26.0"}, requests=TRACE,
+                         max_model_len=8192, warmup=3, fit_evals=2, say=lambda line: None)
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    _one_real_result(study, {"max_num_seqs": 8, "max_num_batched_tokens": 2048})
+    cold = prescreen()
+    cold.constants(study, "vllm")  # fits on the one result and caches it
+    assert not cold.warmed_up(study, "vllm")  # nothing was cached before: 3 real results first
+    assert (tmp_path / "servetune" / "calibration" / f"{key}.json").exists()
+    warm = prescreen()  # a later study on the same hardware
+    warm.constants(study, "vllm")
+    assert warm.warmed_up(study, "vllm")
+
+
+def test_with_an_slo_the_score_is_predicted_goodput_per_gpu():
+    from tuner.loadgen.slo import parse_slo
+
+    slo = parse_slo("ttft_p99=2s,tpot_p99=50ms")
+    prescreen = Prescreen(gpu="h100", shape="llama-3.1-8b", engine_versions={}, requests=TRACE, slo=slo)
+    fast_but_late = {"output_throughput": 9000.0, "goodput": 2.0}
+    slower_in_time = {"output_throughput": 6000.0, "goodput": 8.0}
+    assert prescreen.score(slower_in_time, {}) > prescreen.score(fast_but_late, {})
+    assert prescreen.score(slower_in_time, {"tensor_parallel_size": 2}) == 4.0
+    predicted = replay(SimConfig(constants=TRUE, max_model_len=8192, engine_version="0.26.0"), TRACE, slo).metrics()
+    assert 0 <= predicted["goodput"] <= len(TRACE)
+    assert "goodput" not in replay(SimConfig(constants=TRUE, max_model_len=8192, engine_version="0.26.0"),
+                                   TRACE).metrics()

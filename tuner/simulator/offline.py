@@ -20,6 +20,7 @@ from tuner.loadgen.metrics import (
     tpot_s,
     wall_duration_s,
 )
+from tuner.loadgen.slo import SLO
 from tuner.simulator.config import SimConfig
 from tuner.simulator.engine import EngineStats, SimArrival, simulate
 from tuner.simulator.schedulers import make_engine
@@ -40,7 +41,8 @@ class OfflineResult:
         return {"output_throughput": s.output_throughput, "ttft_p99": s.p99_ttft_ms or 0.0,
                 "tpot_p99": s.p99_tpot_ms or 0.0, "ttft_mean": s.mean_ttft_ms or 0.0,
                 "tpot_mean": s.mean_tpot_ms or 0.0, "tpot_median": s.median_tpot_ms or 0.0,
-                "ttft_median": s.median_ttft_ms or 0.0, "steps": float(self.stats.steps)}
+                "ttft_median": s.median_ttft_ms or 0.0, "steps": float(self.stats.steps),
+                **({"goodput": s.goodput} if s.goodput is not None else {})}
 
 
 @lru_cache(maxsize=8)
@@ -49,8 +51,9 @@ def _arrivals(requests: tuple[TraceRequest, ...], vocab_size: int) -> tuple[SimA
                             max(1, r.output_tokens)) for i, r in enumerate(requests))
 
 
-def replay(config: SimConfig, requests: Sequence[TraceRequest]) -> OfflineResult:
-    """Open-loop replay at the trace's own times; raises `EngineStartupError` as the server would."""
+def replay(config: SimConfig, requests: Sequence[TraceRequest], slo: SLO | None = None) -> OfflineResult:
+    """Open-loop replay at the trace's own times; raises `EngineStartupError` as the server would.
+    With `slo`, the metrics include goodput (requests per second meeting every target)."""
     arrivals = _arrivals(tuple(requests), config.shape.vocab_size)
     report = simulate(config, arrivals, scheduler=make_engine)
     rows = []
@@ -61,4 +64,4 @@ def replay(config: SimConfig, requests: Sequence[TraceRequest]) -> OfflineResult
                                   e2e_s=e2e, tpot_s=tpot_s(e2e, ttft, result.output_tokens),
                                   prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
                                   requested_output_tokens=result.output_tokens))
-    return OfflineResult(summarize(rows, wall_duration_s(rows)), report.stats)
+    return OfflineResult(summarize(rows, wall_duration_s(rows), slo), report.stats)

@@ -80,7 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the best goodput")
     e.add_argument("--prescreen", choices=["off", "sim"], default="off",
                    help="sim: the simulator, calibrated on this study's real trials, screens proposals; only "
-                        "the most promising half launch")
+                        "the most promising launch (see --prescreen-keep)")
+    e.add_argument("--prescreen-keep", type=float, default=0.25, metavar="SHARE",
+                   help="with --prescreen sim: a proposal launches when its predicted goodput per GPU (throughput "
+                        "without --slo) is in this best share of all predictions so far (default: %(default)s)")
     e.add_argument("--eta", type=float, default=2.0, help="successive halving keeps the top 1/eta at each rung")
     e.add_argument("--finalists", type=int, default=None,
                    help="after the search, measure the N best configurations and the defaults again on fresh "
@@ -130,8 +133,9 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise InputError(f"must be at least 0, got {args.finalists}", field="finalists")
     if args.repeats < 2:
         raise InputError(f"a confidence interval needs at least 2 repeats, got {args.repeats}", field="repeats")
-    if not 0 < args.attainment <= 1:
-        raise InputError(f"must be within (0, 1], got {args.attainment}", field="attainment")
+    for name in ("attainment", "prescreen_keep"):
+        if not 0 < getattr(args, name) <= 1:
+            raise InputError(f"must be within (0, 1], got {getattr(args, name)}", field=name.replace("_", "-"))
     if args.capacity and not args.slo:
         raise InputError("the capacity search needs an SLO: give --slo", field="capacity")
 
@@ -313,7 +317,8 @@ def run(args: argparse.Namespace) -> int:
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet,
         dummy_weights=bool(args.model_shape) and not simulated,
         prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=finalists, repeats=args.repeats,
-        capacity=args.capacity, attainment=args.attainment, prescreen=args.prescreen)
+        capacity=args.capacity, attainment=args.attainment, prescreen=args.prescreen,
+        prescreen_keep=args.prescreen_keep)
     tuner = Tuner(options)
     if host not in ("127.0.0.1", "localhost"):
         print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "

@@ -4,10 +4,12 @@ Each proposal is replayed in-process through the simulator (the trace, the trial
 the study's GPU and model shape, the engine's scheduler) with constants fitted to this study's own
 real results (`tuner.simulator.calibration`), refitted whenever a new real result came in and
 started from the per-hardware cache of earlier studies. A proposal launches only when its predicted
-score ranks in the best `keep` share of everything predicted so far in the study; the first `warmup`
-proposals launch regardless, so the fit has data. A screened-out proposal is told to Optuna as
-PRUNED with user attrs `prescreened` (why) and `predicted` (the simulator's metrics), so the sampler
-learns from it without a GPU; every launched trial carries `predicted` too, next to what it measured.
+score (goodput per GPU with an SLO, else output throughput) ranks in the best `keep` share of
+everything predicted so far in the study. Until the fit has data (`warmup` real results, or only the
+defaults when earlier studies on this hardware left a calibration in the cache) proposals launch
+regardless. A screened-out proposal is told to Optuna as PRUNED with user attrs `prescreened` (why)
+and `predicted` (the simulator's metrics), so the sampler learns from it without a GPU; every
+launched trial carries `predicted` too, next to what it measured.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tuner.simulator.config import EngineStartupError
 from tuner.simulator.constants import PerfConstants
 from tuner.simulator.observations import Observation, calibration_key, observations_from_study
 from tuner.simulator.offline import replay
+from tuner.space.constraints import gpus_needed
 from tuner.workload.request import TraceRequest
 
 PRESCREEN_MODES = ("off", "sim")
@@ -40,9 +43,9 @@ class Prescreen:
     requests: Sequence[TraceRequest]
     max_model_len: int | None = None
     slo: SLO | None = None
-    keep: float = 0.5  # share of proposals (by predicted score) that may launch
-    warmup: int = 3  # real results before screening starts
-    fit_evals: int = 40
+    keep: float = 0.25  # share of proposals (by predicted score) that may launch
+    warmup: int = 3  # real results before screening starts, without a cached calibration
+    fit_evals: int = 20  # simulator replays per refit, each while the GPUs wait
     run_dir: Path | None = None  # where the study's calibration JSON goes
     engines: tuple[str, ...] = ("vllm", "sglang", "sim")  # whose results count as real (sim: tests)
     say: Callable[[str], None] = print
@@ -50,6 +53,7 @@ class Prescreen:
     calibrations: dict[str, Calibration] = field(default_factory=dict)
     screened: int = 0
     _fitted_on: dict[str, int] = field(default_factory=dict)
+    _cached: dict[str, bool] = field(default_factory=dict)  # a calibration was cached before this study
 
     def observations(self, study: optuna.Study) -> list[Observation]:
         defaults = {"gpu": self.gpu, "shape": self.shape, "engine_versions": self.engine_versions}
@@ -60,6 +64,7 @@ class Prescreen:
         mine = [o for o in self.observations(study) if o.engine == _simulated(engine)]
         key = self._key(engine)
         current = self.calibrations.get(key) or load_cached(key)
+        self._cached.setdefault(key, current is not None)
         start = current.constants if current else PerfConstants()
         if mine and len(mine) != self._fitted_on.get(key):
             predict = simulate_observation(lambda o: self.requests)
@@ -79,24 +84,29 @@ class Prescreen:
                                   gpu=self.gpu, model_shape=self.shape, config=config, workload="", rows=0,
                                   max_model_len=self.max_model_len)
         try:
-            return replay(observation.sim_config(self.constants(study, engine)), self.requests).metrics()
+            return replay(observation.sim_config(self.constants(study, engine)), self.requests, self.slo).metrics()
         except EngineStartupError as exc:
             return str(exc)
 
-    def score(self, predicted: dict[str, float]) -> float:
-        """Predicted throughput; -inf when a predicted percentile misses the SLO."""
-        for target in self.slo.targets if self.slo else ():
-            value = predicted.get(target.name)
-            if value is not None and value > target.limit_ms:
-                return float("-inf")
+    def score(self, predicted: dict[str, float], config: dict[str, Any]) -> float:
+        """Predicted goodput per GPU with an SLO (what a goodput study ranks by), else output throughput."""
+        if self.slo is not None:
+            return predicted.get("goodput", 0.0) / gpus_needed(config)
         return predicted["output_throughput"]
+
+    def warmed_up(self, study: optuna.Study, engine: str) -> bool:
+        """Enough real results for the fit: `warmup` of them, or one when a cached calibration exists."""
+        needed = 1 if self._cached.get(self._key(engine)) else self.warmup
+        return len(self.observations(study)) >= needed
 
     def screen(self, study: optuna.Study, trial: optuna.Trial, engine: str, config: dict[str, Any],
                baseline: bool = False) -> bool:
         """True: launch. False: told to Optuna as PRUNED, with `prescreened` and `predicted` user attrs.
         The defaults baseline always launches; it gets its prediction too."""
         predicted = self.predict(study, engine, config)
-        if baseline:
+        if baseline:  # its score joins the ranking: a proposal must at least look better than the defaults
+            if isinstance(predicted, dict):
+                self.scores.append(self.score(predicted, config))
             trial.set_user_attr("predicted", predicted if isinstance(predicted, dict) else {"refused": predicted})
             return True
         if isinstance(predicted, str):
@@ -104,14 +114,14 @@ class Prescreen:
             trial.set_user_attr("predicted", {"refused": predicted})
         else:
             trial.set_user_attr("predicted", {name: round(value, 3) for name, value in predicted.items()})
-            score = self.score(predicted)
+            score = self.score(predicted, config)
             self.scores.append(score)
-            real = len(self.observations(study))
             cut = float(np.quantile(self.scores, 1.0 - self.keep)) if len(self.scores) > 1 else -np.inf
-            if real < self.warmup or score >= cut:
+            if not self.warmed_up(study, engine) or score >= cut:
                 return True
-            reason = (f"predicted {predicted['output_throughput']:.0f} tok/s, below the best {self.keep:.0%} "
-                      f"of {len(self.scores)} predictions (cut {cut:.0f})")
+            what = "goodput per GPU" if self.slo is not None else "tok/s"
+            reason = (f"predicted {score:.3g} {what}, below the best {self.keep:.0%} "
+                      f"of {len(self.scores)} predictions (cut {cut:.3g})")
         trial.set_user_attr("prescreened", reason)
         study.tell(trial, state=TrialState.PRUNED)
         self.screened += 1
@@ -137,4 +147,4 @@ def make_prescreen(options: Any, engine_versions: dict[str, str], run_dir: Path,
     shape = options.shape.name if options.shape is not None else options.model
     return Prescreen(gpu=options.gpu or "h100", shape=shape, engine_versions=engine_versions,
                      requests=options.requests, max_model_len=options.max_model_len, slo=options.slo,
-                     run_dir=run_dir, say=say)
+                     keep=options.prescreen_keep, run_dir=run_dir, say=say)

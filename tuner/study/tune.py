@@ -105,6 +105,7 @@ class TuneOptions:
     capacity: bool = False  # with an SLO: highest request rate each finalist sustains, by bisection
     attainment: float = 0.99  # fraction of requests that must meet the SLO for a rate to hold
     prescreen: str = "off"  # sim: the calibrated simulator screens proposals (tuner/study/prescreen.py)
+    prescreen_keep: float = 0.25  # share of the simulator's predictions that may launch
 
 
 def build_spaces(options: TuneOptions) -> dict[str, SearchSpace]:

@@ -1,0 +1,61 @@
+"""Fit the simulator's H200 constants to the real vLLM 0.26.0 runs committed in `results/` (the two
+studies' completed trials and the two hand-run fp8 replays) and write them where `tune --prescreen sim`
+looks for an earlier study's calibration of this hardware: run.sh copies the JSON into the machine's
+calibration cache, so the GPU study starts screening after its defaults trial.
+
+    python experiments/h200-goodput/calibrate.py   # writes calibration-h200-vllm-0.26.0-llama-3.1-8b.json
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tuner.simulator.calibration import fit, simulate_observation  # noqa: E402
+from tuner.simulator.observations import Observation, observations_from_store  # noqa: E402
+from tuner.workload.transform import load_workload  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TRACE = ROOT / "workloads" / "azure_conv_rows0-399.jsonl"
+TIME_SCALE = {"h200-goodput": 6.0, "h200-goodput-ts12": 12.0, "fp8-mnbt2048": 12.0}
+BENCH_KEYS = {"output_throughput": "Output token throughput", "ttft_p99": "P99 TTFT", "tpot_p99": "P99 TPOT",
+              "ttft_mean": "Mean TTFT", "ttft_median": "Median TTFT", "tpot_mean": "Mean TPOT",
+              "tpot_median": "Median TPOT"}
+
+
+def hand_runs() -> list[Observation]:
+    """The `tune bench` outputs of the hand-started `--quantization fp8 --max-num-batched-tokens 2048` server."""
+    out = []
+    for path in sorted((HERE / "results").glob("fp8-mnbt2048-run*.txt")):
+        text = path.read_text()
+        measured = {name: float(re.search(rf"{re.escape(label)}[^:]*:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+                    for name, label in BENCH_KEYS.items()}
+        config = {"quantization": "fp8", "max_num_batched_tokens": 2048}
+        out.append(Observation(label=f"fp8-mnbt2048#{path.stem[-1]}", engine="vllm", version="0.26.0", gpu="h200",
+                               model_shape="llama-3.1-8b", config=config, workload=str(TRACE), rows=400,
+                               max_model_len=6144, measured=measured))
+    return out
+
+
+def main() -> int:
+    defaults = {"shape": "llama-3.1-8b", "gpu": "h200"}
+    real = [o for o in observations_from_store(HERE / "results" / "optuna.db", defaults) if o.measured] + hand_runs()
+    requests = {scale: load_workload(TRACE, time_scale=scale) for scale in set(TIME_SCALE.values())}
+    predict = simulate_observation(lambda o: requests[TIME_SCALE[o.label.split("#")[0]]])
+    calibration = fit(real, predict)
+    path = calibration.save(HERE / f"calibration-{calibration.key}.json")
+    print(f"fitted on {len(real)} real runs ({', '.join(o.label for o in real)}): loss {calibration.loss:.3f}")
+    for o in real:
+        sim = predict(o, calibration.constants) or {}
+        print(f"  {o.label:22s} " + "  ".join(f"{m} {sim.get(m, 0):.0f}/{o.measured.get(m, 0):.0f}"
+                                               for m in ("output_throughput", "ttft_p99", "tpot_p99")))
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
