@@ -12,16 +12,16 @@ from tuner.cli import main
 from tuner.outcome import Outcome
 from tuner.records.trial import SCHEMA_VERSION, StudyRecord, TrialRecord, records, save
 
-STORES = sorted((Path(__file__).parents[1] / "experiments").glob("*/optuna.db")) + sorted(
-    (Path(__file__).parents[1] / "experiments").glob("*/results/optuna.db"))
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+STORES = sorted(EXPERIMENTS.glob("*/optuna.db")) + sorted(EXPERIMENTS.glob("*/results*/optuna.db"))
 
 
 def test_the_committed_stores_are_all_found():
-    assert len(STORES) >= 5  # four round-1 GPU runs and the round-2 H200 run
+    assert len(STORES) >= 6  # four round-1 GPU runs and the round-2 H200 runs
 
 
-@pytest.mark.parametrize("store", STORES, ids=lambda p: p.parent.name if p.parent.name != "results"
-                         else p.parent.parent.name)
+@pytest.mark.parametrize("store", STORES, ids=lambda p: p.parent.name if not p.parent.name.startswith("results")
+                         else f"{p.parent.parent.name}-{p.parent.name}")
 def test_every_committed_store_reads_through_the_records_and_reports(store: Path, tmp_path: Path, capsys):
     url = f"sqlite:///{store}"
     names = [s.study_name for s in optuna.get_all_study_summaries(url)]
@@ -63,3 +63,12 @@ def test_a_study_record_is_written_with_the_schema_version(tmp_path: Path):
     StudySession(study).save_study(objectives=["goodput"], offered_rate=2.5)
     again = StudyRecord.of(optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path / 'o.db'}"))
     assert again.schema_version == SCHEMA_VERSION and again.objectives == ["goodput"] and again.offered_rate == 2.5
+
+
+def test_a_goodput_studys_report_names_its_objective_and_units(tmp_path: Path):
+    store = EXPERIMENTS / "h200-goodput" / "results-r2" / "optuna.db"
+    url = f"sqlite:///{store}"
+    assert main(["report", "h200-goodput-r2", "--storage", url, "--out", str(tmp_path), "--no-mlflow"]) == 0
+    report = next(tmp_path.rglob("report.md")).read_text()
+    assert "| objectives | goodput (max) |" in report
+    assert "| goodput (req/s) | 5.1 | 35.9 | ×7.05 |" in report and "goodput (ms)" not in report

@@ -16,7 +16,15 @@ from tuner.engines.base import Launch
 from tuner.errors import InputError
 from tuner.models.shapes import get_shape
 from tuner.space import fit
-from tuner.space.fit import drop_for_study, fit_to_model, num_experts, output_changes, preflight, unavailable_in
+from tuner.space.fit import (
+    drop_for_study,
+    fit_to_model,
+    fit_to_weights,
+    num_experts,
+    output_changes,
+    preflight,
+    unavailable_in,
+)
 from tuner.space.knobs import OUTPUT_CHANGING, load_space
 from tuner.study.sampling import suggest_config
 
@@ -37,6 +45,20 @@ def test_a_dense_model_never_gets_an_expert_parallel_proposal(engine):
     assert not any(c.get("enable_expert_parallel") for c in configs)
     moe = load_space(engine)
     assert fit_to_model(moe, get_shape("qwen3-30b-a3b")) == [] and "enable_expert_parallel" in moe.knobs
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_dummy_weights_never_get_a_speculative_proposal(engine):
+    space = load_space(engine)
+    notes = fit_to_weights(space, dummy=True)
+    assert "speculative_method" not in space.knobs and "num_speculative_tokens" not in space.knobs
+    assert notes[0].startswith("knob 'speculative_method' dropped: the weights are dummy")
+    assert notes[1] == "knob 'num_speculative_tokens' dropped: it depends on dropped 'speculative_method'"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    configs = [suggest_config(study.ask(), {engine: space})[1] for _ in range(100)]
+    assert not any(c.get("speculative_method", "none") != "none" for c in configs)
+    real = load_space(engine)
+    assert fit_to_weights(real, dummy=False) == [] and "speculative_method" in real.knobs
 
 
 def test_experts_read_from_a_model_folders_config(tmp_path):

@@ -46,7 +46,7 @@ study() {
   python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" > "$W/versions.txt" 2>&1
   setsid nohup python3 -m tuner run --workload "$TRAIN" --time-scale "$TS" --max-model-len "$MAXLEN" \
     "${ENGINE_FLAGS[@]}" --slo "$SLO" --trials "$TRIALS" --budget "$BUDGET" --finalists 1 --repeats 3 \
-    --prescreen "$PRESCREEN" \
+    --prescreen "$PRESCREEN" --prescreen-keep "${KEEP:-0.25}" \
     --seed 18 --study-name "$STUDY" --out "$W/runs" > "$W/tune.log" 2>&1 < /dev/null &
   echo $! > "$W/tune.pid"
   echo "study started (pid $(cat "$W/tune.pid")), log $W/tune.log"

@@ -6,6 +6,7 @@ import shlex
 from collections import Counter
 from collections.abc import Sequence
 
+from tuner.metrics import metric as metric_of
 from tuner.records.capacity import CapacityResult
 from tuner.records.objectives import THROUGHPUT
 from tuner.records.pareto import Point, front_table
@@ -58,7 +59,8 @@ def facts_table(result: StudyResult) -> str:
         ["model", f"`{result.model}`"],
         ["GPUs", f"{result.gpus} × {result.gpu}"],
         ["workload", f"`{result.workload}` (sha256 `{result.workload_digest[:12]}`)"],
-        ["objectives", ", ".join([f"{THROUGHPUT} (max)", *(f"{m} (min)" for m in result.objectives.latency)])],
+        ["objectives", ", ".join(f"{m} ({'max' if metric_of(m).maximize else 'min'})"
+                                 for m in result.objectives.names)],
         ["SLO", _slo_text(result)],
         ["trials", trials],
     ]
@@ -95,10 +97,11 @@ def best_vs_baseline(result: StudyResult) -> str:
     if base is None:
         return "\n".join(lines + ["", "The defaults baseline did not complete, so there is nothing to compare with."])
     ratios = result.ratios()
-    rows = [[f"{m}{'' if m == THROUGHPUT else ' (ms)'}", _num(base.value(m), 1), _num(best.value(m), 1),
+    rows = [[f"{m} ({metric_of(m).unit})", _num(base.value(m), 1), _num(best.value(m), 1),
              f"×{ratios[m]:.2f}" if m in ratios else "-"] for m in result.objectives.names]
-    rows.append(["goodput (req/s)", _goodput(result, base), _goodput(result, best),
-                 f"×{ratios['goodput']:.2f}" if "goodput" in ratios else "-"])
+    if "goodput" not in result.objectives.names:
+        rows.append(["goodput (req/s)", _goodput(result, base), _goodput(result, best),
+                     f"×{ratios['goodput']:.2f}" if "goodput" in ratios else "-"])
     return "\n".join(lines + ["", md_table(["metric", f"defaults (trial {base.number})", f"best (trial {best.number})",
                                             "best / defaults"], rows)])
 

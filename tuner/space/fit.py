@@ -1,6 +1,7 @@
 """A space that fits the model and the engine's install, before anything launches.
 
 - `fit_to_model`: knobs marked `moe_only` leave the space of a dense model.
+- `fit_to_weights`: knobs marked `needs_real_weights` leave the space when the weights are dummy.
 - `preflight`: choices whose Python modules (`needs`) the engine's interpreter cannot import leave the
   space; one subprocess of that interpreter checks them all with importlib.util.find_spec (no import of
   the engine, no server).
@@ -65,6 +66,19 @@ def fit_to_model(space: SearchSpace, model: ModelShape | Mapping[str, Any] | str
     for name in [n for n, k in space.knobs.items() if k.moe_only]:
         if name in space.knobs:
             notes += _drop_knob(space, name, "the model is dense (no experts); it applies to mixture-of-experts models")
+    space.notes.extend(notes)
+    return notes
+
+
+def fit_to_weights(space: SearchSpace, dummy: bool) -> list[str]:
+    """Remove the `needs_real_weights` knobs when the trials serve dummy weights; returns the reasons."""
+    if not dummy:
+        return []
+    notes: list[str] = []
+    for name in [n for n, k in space.knobs.items() if k.needs_real_weights]:
+        if name in space.knobs:
+            notes += _drop_knob(space, name, "the weights are dummy: what it gains depends on what a real model "
+                                             "writes (speculation's acceptance)")
     space.notes.extend(notes)
     return notes
 

@@ -16,7 +16,7 @@ _SPACE_FILES: dict[str, Path] = {}  # engine -> its YAML, where not SPACES_DIR/<
 KNOB_TYPES = ("int", "float", "categorical", "bool")
 _KNOB_FIELDS = {"type", "choices", "low", "high", "log", "step", "default", "group", "when", "doc",
                 "flag", "flag_off", "omit", "json_flag", "json_key", "value_from", "option", "option_off",
-                "moe_only", "needs", "changes_outputs"}
+                "moe_only", "needs_real_weights", "needs", "changes_outputs"}
 OUTPUT_CHANGING = "output-changing"  # `--exclude output-changing`: only settings that keep the model's outputs
 
 
@@ -59,6 +59,8 @@ class Knob:
     doc: str = ""
     engine_default: Any = None  # the engine's own default, kept when --fix moves `default`
     moe_only: bool = False  # applies to mixture-of-experts models only (tuner.space.fit.fit_to_model)
+    # its effect depends on what the model writes (speculation's acceptance): not tuned on dummy weights
+    needs_real_weights: bool = False
     needs: tuple[tuple[Any, tuple[str, ...]], ...] = ()  # (choice, Python modules it imports): preflight
     # settings that change the model's outputs: True for every value but the engine's default, or those values
     changes_outputs: bool | tuple[Any, ...] = False
@@ -234,8 +236,9 @@ def _check_field_types(spec: dict, path: Path, where: str) -> None:
     default = spec.get("default")
     if not isinstance(default, (str, bool, type(None))) and not _is_number(default):
         raise wrong("default", "a plain value (string, number, boolean)")
-    if spec.get("moe_only") is not None and not isinstance(spec["moe_only"], bool):
-        raise wrong("moe_only", "true or false")
+    for flag in ("moe_only", "needs_real_weights"):
+        if spec.get(flag) is not None and not isinstance(spec[flag], bool):
+            raise wrong(flag, "true or false")
     needs = spec.get("needs")
     if needs is not None and not (isinstance(needs, dict) and all(
             isinstance(modules, list) and modules and all(
@@ -284,6 +287,7 @@ def _build_knob(name: str, spec: dict, path: Path) -> Knob:
                 json_flag=spec.get("json_flag"), json_key=spec.get("json_key"),
                 value_from=spec.get("value_from"), option=spec.get("option"), option_off=spec.get("option_off"),
                 doc=spec.get("doc", ""), engine_default=spec["default"], moe_only=bool(spec.get("moe_only")),
+                needs_real_weights=bool(spec.get("needs_real_weights")),
                 needs=tuple((value, tuple(modules)) for value, modules in (spec.get("needs") or {}).items()),
                 changes_outputs=changes_outputs)
     # the engine's default may lie outside the searched range (trial 0 runs it anyway), not its type

@@ -103,6 +103,10 @@ class Prescreen:
                baseline: bool = False) -> bool:
         """True: launch. False: told to Optuna as PRUNED, with `prescreened` and `predicted` user attrs.
         The defaults baseline always launches; it gets its prediction too."""
+        if not self.scores:  # a resumed study: rank against every prediction made before
+            self.scores = [self.score(t.user_attrs["predicted"], t.user_attrs.get("config") or {})
+                           for t in study.get_trials(deepcopy=False)
+                           if "output_throughput" in (t.user_attrs.get("predicted") or {})]
         predicted = self.predict(study, engine, config)
         if baseline:  # its score joins the ranking: a proposal must at least look better than the defaults
             if isinstance(predicted, dict):

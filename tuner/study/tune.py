@@ -31,7 +31,7 @@ from tuner.runner.campaign import Campaign, TrialSpan, gantt_png, with_earlier_t
 from tuner.runner.progress import LiveLines, eta_s
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
-from tuner.space.fit import drop_for_study, fit_to_model, preflight, unavailable_in
+from tuner.space.fit import drop_for_study, fit_to_model, fit_to_weights, preflight, unavailable_in
 from tuner.space.knobs import SearchSpace, load_space
 from tuner.study.feasibility import (
     PREDICTED_INFEASIBLE,
@@ -192,7 +192,7 @@ class Tuner:
         for engine, space in self.spaces.items():
             self._fit_space_to_installed(engine, space)
             model = options.shape or options.model
-            for note in (fit_to_model(space, model) if model else []):
+            for note in (fit_to_model(space, model) if model else []) + fit_to_weights(space, options.dummy_weights):
                 self.say(f"note: {note}")
             if not get_engine(engine).simulated:
                 for note in preflight(space, options.engine_python):
