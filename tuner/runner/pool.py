@@ -94,6 +94,9 @@ def start_watchdog() -> None:
     global _watchdog
     if not sys.platform.startswith("linux"):
         return
+    if _watchdog is not None and _watchdog.stdin is not None:  # the cluster before this one was shut down
+        _watchdog.stdin.close()
+        _watchdog.wait(timeout=30)
     token = uuid.uuid4().hex
     _watchdog = subprocess.Popen([sys.executable, reaper.__file__, token], stdin=subprocess.PIPE,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
