@@ -76,8 +76,16 @@ def init_ray(address: str | None, gpus: int) -> None:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise InputError(f"cannot join the Ray cluster at {address!r}: {reason}", field="ray-address") from None
     else:
-        start_watchdog()
-        context = ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, gpus * CPUS_PER_TRIAL + 1), **kwargs)
+        token = start_watchdog()
+        inherited = os.environ.get(OWNER_ENV)
+        if token:
+            os.environ[OWNER_ENV] = token  # what ray.init starts carries it, and what those start in turn
+        try:
+            context = ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, gpus * CPUS_PER_TRIAL + 1), **kwargs)
+        finally:  # our own later children (a test's servers, another `tune`) are not the cluster's
+            os.environ.pop(OWNER_ENV, None)
+            if inherited is not None:
+                os.environ[OWNER_ENV] = inherited
         session_dir = getattr(context, "address_info", {}).get("session_dir")  # a RayContext, typed BaseContext
         if _watchdog is not None and _watchdog.stdin is not None and session_dir:
             _watchdog.stdin.write(f"{session_dir}\n".encode())
@@ -87,20 +95,20 @@ def init_ray(address: str | None, gpus: int) -> None:
 _watchdog: subprocess.Popen[bytes] | None = None  # held for our whole life: its stdin closes when we end
 
 
-def start_watchdog() -> None:
-    """Every process started after this carries our mark; a watcher in its own session kills them, and
-    the Ray processes holding files in the session folder we send it, as soon as we end, however we end
-    (see reaper.watch_owner)."""
+def start_watchdog() -> str:
+    """A watcher in its own session that, as soon as we end, however we end, kills the processes marked
+    with the token returned and the Ray processes holding files in the session folder we send it
+    (see reaper.watch_owner). "" where there is no /proc to find them in."""
     global _watchdog
     if not sys.platform.startswith("linux"):
-        return
+        return ""
     if _watchdog is not None and _watchdog.stdin is not None:  # the cluster before this one was shut down
         _watchdog.stdin.close()
         _watchdog.wait(timeout=30)
     token = uuid.uuid4().hex
     _watchdog = subprocess.Popen([sys.executable, reaper.__file__, token], stdin=subprocess.PIPE,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    os.environ[OWNER_ENV] = token
+    return token
 
 
 def check_reachable(address: str) -> None:
