@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy.exc
 
 from tuner.engines.base import Launch
+from tuner.errors import InputError
 from tuner.outcome import Outcome
 from tuner.records.storage import open_store
 from tuner.records.trial import records
@@ -297,7 +298,6 @@ def test_secret_flags_are_redacted_and_others_are_not():
 
 
 def test_passwords_in_urls_and_unusable_tracking_uris(tmp_path):
-    from tuner.errors import InputError
     from tuner.tracking.mlflow_log import StudyTracker, redact_url
 
     assert redact_url("postgresql://tuner:pa55@db:5432/optuna") == "postgresql://tuner:***@db:5432/optuna"
@@ -365,7 +365,7 @@ def _serving_trial(out: Path, name: str) -> tuple[int, int, list[str]] | None:
         return None
     try:
         study = _study(out, name)
-    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # `tune` is creating the store or the study right now
+    except (KeyError, InputError, sqlalchemy.exc.SQLAlchemyError):  # `tune` is creating the store or the study
         return None
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     if not _ran(study) or not running:
