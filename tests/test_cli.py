@@ -73,9 +73,9 @@ class _SlowStart(http.server.BaseHTTPRequestHandler):
 
 
 def test_wait_ready_polls_until_the_server_answers():
-    _SlowStart.ready_at = time.monotonic() + 1.0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowStart)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    _SlowStart.ready_at = time.monotonic() + 1.0  # after the server's start, which a busy machine may delay
     try:
         waited = wait_ready(f"http://127.0.0.1:{server.server_port}", timeout_s=10, poll_s=0.1)
     finally:

@@ -26,7 +26,9 @@ import pytest
 import sqlalchemy.exc
 
 from tuner.engines.base import Launch
+from tuner.errors import InputError
 from tuner.outcome import Outcome
+from tuner.records.storage import open_store
 from tuner.records.trial import records
 from tuner.runner.trial import TrialOutcome, TrialSpec, execute_trial, scrub_secret
 from tuner.space.knobs import load_space
@@ -296,7 +298,6 @@ def test_secret_flags_are_redacted_and_others_are_not():
 
 
 def test_passwords_in_urls_and_unusable_tracking_uris(tmp_path):
-    from tuner.errors import InputError
     from tuner.tracking.mlflow_log import StudyTracker, redact_url
 
     assert redact_url("postgresql://tuner:pa55@db:5432/optuna") == "postgresql://tuner:***@db:5432/optuna"
@@ -346,7 +347,9 @@ def _tune_argv(trace: Path, out: Path, name: str, trials: int, *extra: str) -> l
 
 
 def _study(out: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'optuna.db'}")
+    # open_store, as `tune` does: a fresh store's tables are created under its lock, so polling it
+    # while `tune` creates it cannot make either fail ("UNIQUE constraint failed: alembic_version")
+    return optuna.load_study(study_name=name, storage=open_store(f"sqlite:///{out / 'optuna.db'}"))
 
 
 def _ran(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -362,7 +365,7 @@ def _serving_trial(out: Path, name: str) -> tuple[int, int, list[str]] | None:
         return None
     try:
         study = _study(out, name)
-    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # `tune` is creating the store or the study right now
+    except (KeyError, InputError, sqlalchemy.exc.SQLAlchemyError):  # `tune` is creating the store or the study
         return None
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     if not _ran(study) or not running:
@@ -406,10 +409,10 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _listening_addresses(pids: list[int]) -> set[str]:
-    """The local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets these processes listen on."""
+def _listening_sockets(pids: list[int] | None = None) -> set[str]:
+    """ADDRESS:PORT (hex, as /proc/net/tcp* writes them) of the TCP sockets these processes (all: None) listen on."""
     inodes = set()
-    for pid in pids:
+    for pid in pids or []:
         with contextlib.suppress(OSError):
             for fd in Path(f"/proc/{pid}/fd").iterdir():
                 with contextlib.suppress(OSError):
@@ -420,8 +423,8 @@ def _listening_addresses(pids: list[int]) -> set[str]:
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                found.add(fields[1].rpartition(":")[0])
+            if fields[3] == "0A" and (pids is None or fields[9] in inodes):  # 0A: LISTEN
+                found.add(fields[1])
     return found
 
 
@@ -439,6 +442,16 @@ def _gone_or_zombie(pid: int) -> bool:
         return True
 
 
+def _group_dead(pgid: int) -> bool:
+    """No live process in the group; killed orphans may wait a while for init to reap them."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, _, group = stat.read_text().rpartition(")")[2].split()[:3]
+            if int(group) == pgid and state != "Z":
+                return False
+    return True
+
+
 @pytest.mark.slow
 def test_killed_tune_leaves_no_server_and_the_same_command_finishes_the_study(tmp_path):
     out = tmp_path / "runs"
@@ -450,18 +463,21 @@ def test_killed_tune_leaves_no_server_and_the_same_command_finishes_the_study(tm
         number, server_pid, server = wait_for(lambda: _serving_trial(out, "killed"), 180,
                                               "a finished and a serving trial")
         assert flag_value(server, "--host") == "127.0.0.2"  # --host reaches the trial servers
-        listening = _listening_addresses(_descendants(tune.pid))  # tune, its local Ray cluster, the server
-        assert len(listening) >= 1 and all(_loopback(a) for a in listening), listening
+        family = _descendants(tune.pid)  # tune, its local Ray cluster (GCS, raylet, agents, workers), the server
+        listening = _listening_sockets(family)
+        assert len(listening) >= 1 and all(_loopback(a.rpartition(":")[0]) for a in listening), listening
         actor_pid = int(Path(f"/proc/{server_pid}/stat").read_text().rpartition(")")[2].split()[1])
         before = {t.number: t.values for t in _ran(_study(out, "killed"))}
-        os.killpg(tune.pid, signal.SIGKILL)
+        os.kill(tune.pid, signal.SIGKILL)  # `tune` alone: the rest of its process group is left to it
+        tune.wait()
+        # the watchdog takes everything along at once; Ray's own agents would otherwise linger for 60 s
+        wait_for(lambda: all(_gone_or_zombie(pid) for pid in family), 10, "every process `tune` started to die")
+        assert not listening & _listening_sockets(), "a port of the killed `tune` is still listening"
     finally:
         if tune.poll() is None:
             os.killpg(tune.pid, signal.SIGKILL)
         tune.wait()
-    # the server's parent (a Ray worker) dies with Ray's processes; PR_SET_PDEATHSIG takes the server with it
-    wait_for(lambda: group_gone(server_pid), 60, "the trial server to die with `tune`")
-    wait_for(lambda: _gone_or_zombie(actor_pid), 60, "the Ray worker that ran the trial")
+    assert _group_dead(server_pid) and _gone_or_zombie(actor_pid)
     assert not _processes_mentioning("sim-serve", "127.0.0.2"), "a trial server of the killed study survived"
 
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)

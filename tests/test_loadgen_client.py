@@ -363,16 +363,16 @@ def test_open_loop_cap_makes_requests_wait_for_a_slot():
 def test_progress_can_stop_the_replay_early():
     seen: list[ProgressSnapshot] = []
 
-    async def stop_now(snapshot: ProgressSnapshot) -> bool:
+    async def stop_once_two_finished(snapshot: ProgressSnapshot) -> bool:
         seen.append(snapshot)
-        return True
+        return snapshot.completed == 2  # not at the first snapshot: a busy machine may not have answered yet
 
     arrivals = [0.0, 0.01] + [30.0 + i for i in range(8)]  # the last eight would take half a minute
     with ScriptedStreamServer() as server:
         result = run_bench_sync(BenchConfig(url=server.url, model="plain", progress_interval_s=0.2),
-                                _trace(arrivals), on_progress=stop_now)
+                                _trace(arrivals), on_progress=stop_once_two_finished)
     assert result.stopped_early
-    assert len(seen) == 1 and seen[0].total == 10
+    assert seen[-1].completed == 2 and all(s.completed < 2 for s in seen[:-1]) and all(s.total == 10 for s in seen)
     assert len(result.rows) == 2 and result.not_finished == 8
     assert result.summary.completed == 2
 

@@ -137,6 +137,22 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
+def test_the_watchdogs_mark_is_on_the_local_cluster_only(local_ray):
+    from tuner.runner import pool
+    from tuner.runner.reaper import OWNER_ENV
+
+    # what this process starts itself (a test's MLflow server, another `tune`) is not the cluster's to kill
+    assert OWNER_ENV not in os.environ
+    token = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get(OWNER_ENV)).remote())
+    marked = processes_with_token(token, env=OWNER_ENV)
+    names = {Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].rsplit(b"/", 1)[-1] for pid in marked}
+    assert {b"gcs_server", b"raylet"} <= names, names
+    watchdog = pool._watchdog
+    assert watchdog is not None and watchdog.poll() is None
+    assert os.getsid(watchdog.pid) == watchdog.pid  # its own session: a Ctrl-C to our group spares it
+
+
 def _ran(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if "started_at" in t.user_attrs]
 

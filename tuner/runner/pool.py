@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -17,8 +19,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from tuner.errors import InputError
 from tuner.outcome import Outcome
+from tuner.runner import reaper
 from tuner.runner.placement import Placement, nvlink_order, nvlink_peers
-from tuner.runner.reaper import TOKEN_ENV, reap
+from tuner.runner.reaper import OWNER_ENV, TOKEN_ENV, reap
 from tuner.runner.trial import TrialOutcome, TrialSpec, execute_trial
 
 LOST = Outcome.LOST  # a trial whose actor or node died under it
@@ -73,7 +76,39 @@ def init_ray(address: str | None, gpus: int) -> None:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise InputError(f"cannot join the Ray cluster at {address!r}: {reason}", field="ray-address") from None
     else:
-        ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, gpus * CPUS_PER_TRIAL + 1), **kwargs)
+        token = start_watchdog()
+        inherited = os.environ.get(OWNER_ENV)
+        if token:
+            os.environ[OWNER_ENV] = token  # what ray.init starts carries it, and what those start in turn
+        try:
+            context = ray.init(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, gpus * CPUS_PER_TRIAL + 1), **kwargs)
+        finally:  # our own later children (a test's servers, another `tune`) are not the cluster's
+            os.environ.pop(OWNER_ENV, None)
+            if inherited is not None:
+                os.environ[OWNER_ENV] = inherited
+        session_dir = getattr(context, "address_info", {}).get("session_dir")  # a RayContext, typed BaseContext
+        if _watchdog is not None and _watchdog.stdin is not None and session_dir:
+            _watchdog.stdin.write(f"{session_dir}\n".encode())
+            _watchdog.stdin.flush()
+
+
+_watchdog: subprocess.Popen[bytes] | None = None  # held for our whole life: its stdin closes when we end
+
+
+def start_watchdog() -> str:
+    """A watcher in its own session that, as soon as we end, however we end, kills the processes marked
+    with the token returned and the Ray processes holding files in the session folder we send it
+    (see reaper.watch_owner). "" where there is no /proc to find them in."""
+    global _watchdog
+    if not sys.platform.startswith("linux"):
+        return ""
+    if _watchdog is not None and _watchdog.stdin is not None:  # the cluster before this one was shut down
+        _watchdog.stdin.close()
+        _watchdog.wait(timeout=30)
+    token = uuid.uuid4().hex
+    _watchdog = subprocess.Popen([sys.executable, reaper.__file__, token], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return token
 
 
 def check_reachable(address: str) -> None:
