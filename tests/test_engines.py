@@ -76,11 +76,12 @@ def test_one_config_gives_each_engine_its_argv_and_parses_back(engine):
     flags = {k: v for k, v in parse_flags(space, command).items() if k not in in_file}
     assert flags == {k: v for k, v in space.active_config(config).items() if k not in in_file}
     assert spec.clock_scale == (5 if adapter.simulated else 1)
-    if engine == "vllm":
+    if engine == "vllm":  # not in VLLM_API_KEY either: vLLM 0.26 hashes it into the compile-cache key
         assert command[:3] == ["vllm", "serve", "/models/llama"]
-        assert spec.env["VLLM_API_KEY"] == "sekret" and "sekret" not in spec.argv
+        assert "VLLM_API_KEY" not in spec.env
     if engine == "sglang":
         assert command[:4] == ["python", "-m", "sglang.launch_server", "--model-path"]
+    if engine in ("vllm", "sglang"):
         key_path = Path(spec.argv[spec.argv.index("--config") + 1])
         assert yaml.safe_load(key_path.read_text()) == {"api-key": "sekret"} and "sekret" not in spec.argv
         assert key_path.stat().st_mode & 0o777 == 0o600

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -57,3 +58,6 @@ def test_tune_real_vllm_on_cpu(tmp_path, capsys, monkeypatch):
     assert len(phases) == 3 and all({"import", "kv_profile", "api_up", "ready"} <= set(p) for p in phases)
     assert not any("torch_compile" in p or "cuda_graphs" in p for p in phases)
     assert all(0 < p["import"] < p["ready"] for p in phases)
+    # the servers' API key reached vLLM through a private --config file and left no trace in their logs
+    logs = list((tmp_path / "runs" / "cpu").glob("trial-*/server.log"))
+    assert len(logs) == 3 and all(re.search(r"'api_key': \[?'\*\*\*'", log.read_text()) for log in logs)

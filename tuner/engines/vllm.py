@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tuner.engines.base import Engine, Launch, patterns
+from tuner.engines.base import Engine, Launch, key_file, patterns
 from tuner.engines.registry import register_engine
 from tuner.outcome import Outcome
 
@@ -66,10 +66,13 @@ class VllmEngine(Engine):
     def environment(self, launch: Launch) -> dict[str, str]:
         from tuner.engines.vllm_startup import fast_start_env
 
-        env = fast_start_env(super().environment(launch))
-        if launch.api_key:
-            env["VLLM_API_KEY"] = launch.api_key  # not on argv, where `ps` would show it
-        return env
+        return fast_start_env(super().environment(launch))
+
+    def connection_args(self, launch: Launch) -> list[str]:
+        args = super().connection_args(launch)
+        # The key goes in a 0600 `--config` file, not on argv (`ps`) and not in VLLM_API_KEY: vLLM 0.26 hashes
+        # that variable into its compile-cache key, so a fresh key per server meant no server ever hit the cache.
+        return args + (["--config", str(key_file(launch.api_key))] if launch.api_key else [])
 
     def fast_start_args(self, launch: Launch, flags: list[str]) -> list[str]:
         from tuner.engines.vllm_startup import capture_cap_args
