@@ -17,7 +17,7 @@ W=${W:-/tmp/run}
 ENGINE=${ENGINE:-vllm}
 TS=${TS:-12}  # the trace replayed 12x faster: ~45 req/s, ~42k prompt and ~12k output tok/s asked of one H200
 TRIALS=${TRIALS:-7}
-BUDGET=${BUDGET:-4m}  # the search; the finalist's and the defaults' 3 repeats come after it
+BUDGET=${BUDGET:-6m}  # the search; the finalist's and the defaults' 3 repeats come after it
 SLO=${SLO:-ttft_p99=1s,tpot_p99=50ms}  # interactive chat (round 1 of this run used 2 s / 100 ms: see README)
 PRESCREEN=${PRESCREEN:-sim}  # the simulator, calibrated on this H200's earlier runs, screens proposals
 STUDY=${STUDY:-h200-goodput-r2}
@@ -46,7 +46,7 @@ study() {
   python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" > "$W/versions.txt" 2>&1
   setsid nohup python3 -m tuner run --workload "$TRAIN" --time-scale "$TS" --max-model-len "$MAXLEN" \
     "${ENGINE_FLAGS[@]}" --slo "$SLO" --trials "$TRIALS" --budget "$BUDGET" --finalists 1 --repeats 3 \
-    --prescreen "$PRESCREEN" --prescreen-keep "${KEEP:-0.25}" \
+    --prescreen "$PRESCREEN" --prescreen-keep "${KEEP:-0.1}" \
     --seed 18 --study-name "$STUDY" --out "$W/runs" > "$W/tune.log" 2>&1 < /dev/null &
   echo $! > "$W/tune.pid"
   echo "study started (pid $(cat "$W/tune.pid")), log $W/tune.log"
