@@ -1,0 +1,66 @@
+"""Does a fast-started server measure the same as a cold one with the same flags? (issue #18: within 2 %)
+
+A study's finalists answer it without extra GPU time: each finalist's search trial started cold (its
+compile key new to the machine), and its `--repeats` re-measurements started with the same flags, so
+they find that trial's compiled graphs in the shared compile cache. Per finalist this prints the cold
+run's output throughput, the repeats' mean with a 95 % CI, their ratio, and each server's torch.compile
+seconds (from `phases.md` or the run folder's `startup_phases.json`): a repeat that took as long as the
+cold start did not hit the cache, and then the comparison is cold against cold.
+
+    python experiments/benchmarks/fast_vs_cold.py STORE STUDY [RUN_DIR_OR_PHASES_MD]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tuner.records.trial import StudyRecord  # noqa: E402
+
+
+def compile_seconds(source: Path | None) -> dict[str, float]:
+    """torch.compile seconds per server label (trial-0010, trial-0010-repeat-1, ...)."""
+    if source is None:
+        return {}
+    if source.is_dir():
+        return {p.parent.name: json.loads(p.read_text()).get("torch_compile", 0.0)
+                for p in source.glob("*/startup_phases.json")}
+    out = {}
+    for line in source.read_text().splitlines():  # | server | import | model_load | torch_compile | ...
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 3 and re.fullmatch(r"trial-\d+(-repeat-\d+)?", cells[0]):
+            out[cells[0]] = float(cells[3]) if cells[3] else 0.0
+    return out
+
+
+def main(argv: list[str]) -> int:
+    store, name = argv[0], argv[1]
+    phases = compile_seconds(Path(argv[2]) if len(argv) > 2 else None)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{store}" if "://" not in store else store)
+    finals = StudyRecord.of(study).finals
+    print("| trial | cold tok/s | repeats tok/s (95 % CI) | repeats / cold | within 2 % "
+          "| torch.compile s: cold; repeats |")
+    print("|---|---|---|---|---|---|")
+    for number, final in sorted(finals.items(), key=lambda item: int(item[0])):
+        estimate = (final.get("remeasured") or {}).get("estimates", {}).get("output_throughput")
+        summary = study.trials[int(number)].user_attrs.get("summary") or {}
+        if not estimate or not summary.get("output_throughput"):
+            continue
+        cold, mean = summary["output_throughput"], estimate["mean"]
+        half = (estimate["high"] - estimate["low"]) / 2
+        label = f"trial-{int(number):04d}"
+        repeats = [phases.get(f"{label}-repeat-{k}") for k in range(1, len(estimate["values"]) + 1)]
+        seconds = f"{phases.get(label, '-')}; " + ", ".join("-" if s is None else f"{s:.1f}" for s in repeats)
+        print(f"| {number} | {cold:,.0f} | {mean:,.0f} ± {half:,.0f} | {mean / cold:.3f} | "
+              f"{'yes' if abs(mean / cold - 1) <= 0.02 else 'no'} | {seconds} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
