@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -32,10 +34,13 @@ def local_ray():
     ray.shutdown()
 
 
+def _tune_args(tmp_path: Path, name: str = "e2e") -> list[str]:
+    return ["--workload", str(WORKLOAD), "--rows", "24", "--time-scale", "3", "--engine", "sim", "--gpus", "2",
+            "--sim-time-scale", "20", "--study-name", name, "--out", str(tmp_path / "runs"), "--seed", "7"]
+
+
 def _tune(tmp_path: Path, *extra: str, name: str = "e2e") -> int:
-    return main(["--workload", str(WORKLOAD), "--rows", "24", "--time-scale", "3", "--engine", "sim",
-                 "--gpus", "2", "--sim-time-scale", "20", "--study-name", name, "--out", str(tmp_path / "runs"),
-                 "--seed", "7", *extra])
+    return main([*_tune_args(tmp_path, name), *extra])
 
 
 def _storage(tmp_path: Path) -> str:
@@ -87,9 +92,14 @@ def test_study_runs_records_resumes_and_exports(tmp_path, capsys):
     assert exported[-1] == shell_line(best)  # after a comment line when the configuration changes outputs
     assert all(line.startswith("# servetune: ") for line in exported[:-1])
 
-    # the same command again resumes: nothing re-runs; asking for one more runs one more
-    assert _tune(tmp_path, "--trials", "4", "--slo", "ttft_p99=60s") == 0
-    assert "already has 4 finished trials" in capsys.readouterr().out
+    # the same command again resumes: nothing re-runs, the report is printed again without starting Ray
+    # or MLflow (seconds to import); asking for one more runs one more
+    again = subprocess.run([sys.executable, "-X", "importtime", "-m", "tuner", *_tune_args(tmp_path),
+                            "--trials", "4", "--slo", "ttft_p99=60s"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already has 4 finished trials" in again.stdout and "Pareto front" in again.stdout
+    imported = {line.split("|")[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert "optuna" in imported and not imported & {"ray", "mlflow"}
     assert _tune(tmp_path, "--trials", "5", "--slo", "ttft_p99=60s") == 0
     study = load_study("e2e", _storage(tmp_path))
     assert sum(1 for t in study.trials if t.state.is_finished() and t.user_attrs.get("failure") != "constraint") == 5

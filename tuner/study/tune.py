@@ -457,13 +457,14 @@ class Tuner:
                 "model": self.options.model, "simulated": str(get_engine(engine).simulated).lower()}
 
     def run(self) -> optuna.Study:
-        from tuner.runner.pool import TrialPool, init_ray
-
         o = self.options
         study = self.open_study()
         session = self._session
         total = o.trials or 0
-        if o.mlflow_uri:
+        already = session.finished()
+        finished = o.trials is not None and already >= o.trials and not (o.finalists or o.capacity)
+        # a finished study is only reprinted: MLflow (seconds to import) has it already, unless records wait
+        if o.mlflow_uri and (not finished or (self.run_dir / "mlflow-buffer.jsonl").exists()):
             from tuner.tracking.mlflow_log import StudyTracker
 
             self.tracker = StudyTracker(o.mlflow_uri, "servetune", o.study_name,
@@ -475,11 +476,12 @@ class Tuner:
                                    {"trace_sha256": o.workload_digest,
                                     "simulated": str(is_simulated(o.engines)).lower()})
         self.halving = SuccessiveHalving.from_study(study, eta=o.eta)
-        already = session.finished()
         if o.trials is not None and already >= o.trials:
             self.say(f"study '{o.study_name}' already has {already} finished trials (asked for {o.trials})")
-            if not (o.finalists or o.capacity):
+            if finished:
                 return study
+        from tuner.runner.pool import TrialPool, init_ray
+
         if o.ray_address:
             for note in cluster_notes(o.storage, o.mlflow_uri):
                 self.say(f"note: {note}")
