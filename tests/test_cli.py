@@ -80,6 +80,21 @@ def test_report_imports_neither_ray_nor_mlflow_nor_the_load_generator(tmp_path):
     assert (tmp_path / "out" / "report.md").exists()
 
 
+def test_report_without_matplotlib_writes_everything_but_the_pngs_and_says_so(tmp_path):
+    """matplotlib is the `plots` extra: a plain install still gets the report, pareto.html and pareto.txt."""
+    store = tmp_path / "optuna.db"
+    shutil.copy(Path(__file__).parents[1] / "experiments" / "h100-vllm" / "optuna.db", store)
+    argv = ["report", "h100-vllm-mooncake40", "--storage", f"sqlite:///{store}", "--no-mlflow", "--out", "out"]
+    script = f"import sys; sys.modules['matplotlib'] = None; from tuner.cli import main; sys.exit(main({argv!r}))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: no PNG figures: matplotlib is not installed (pip install 'servetune[plots]')" in done.stdout
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.iterdir()) == ["pareto.html", "pareto.txt", "report.md"]
+    report = (out / "report.md").read_text()
+    assert ".png" not in report and "[pareto.html](pareto.html)" in report and "## Pareto front" in report
+
+
 def test_help_of_one_subcommand_imports_only_that_one(tmp_path):
     imported = _imported(["export", "--help"], tmp_path)
     assert not imported & {"numpy", "aiohttp", "ray", "mlflow", "matplotlib"}

@@ -614,7 +614,7 @@ class Tuner:
         campaign.write_json(self.run_dir / "campaign.json")
         everything = with_earlier_trials(campaign, study.get_trials(deepcopy=False))  # across resumes
         title = f"{self.options.study_name}: schedule of {len(everything.spans)} trials on {campaign.gpus} GPU(s)"
-        png = gantt_png(everything, self.run_dir / "schedule.png", title)
+        png = gantt_png(everything, self.run_dir / "schedule.png", title) or "(none: matplotlib is not installed)"
         s = campaign.summary()
         self.say(f"\ncampaign: {s['trials']} trials in {_fmt_duration(s['wall_s'])} on {s['gpus']} GPU(s); "
                  f"GPU utilisation {s['utilisation']:.2f} (measuring / held), GPUs inside trials "

@@ -10,10 +10,16 @@ from pathlib import Path
 from tuner.records.objectives import THROUGHPUT, Objectives
 from tuner.records.pareto import Point, pareto_front
 
+NO_PNG = "no PNG figures: matplotlib is not installed (pip install 'servetune[plots]')"
+
 
 def pyplot():
-    """matplotlib's pyplot on the headless Agg backend."""
-    import matplotlib
+    """matplotlib's pyplot on the headless Agg backend; None where matplotlib is not installed (it is the
+    `plots` extra: about 100 MB with its fonts and Pillow)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -29,8 +35,11 @@ def save_png(fig, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1
     return path
 
 
-def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, path: Path, title: str) -> Path:
+def pareto_png(points: list[Point], front: list[Point], objectives: Objectives, path: Path,
+               title: str) -> Path | None:
     plt = pyplot()
+    if plt is None:
+        return None
     metrics = list(objectives.latency)
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 5.5), squeeze=False)
     front_numbers = {p.number for p in front}
