@@ -535,7 +535,8 @@ class _Gate:
 
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with its own SQLite store, that the test takes away and brings
-    back. The server starts once (tens of seconds on 2 cores); `stop` closes the gate in front of it, so
+    back. The server starts once (tens of seconds on 2 cores; without MLflow's job executor, which
+    servetune does not use and which takes 8 more processes); `stop` closes the gate in front of it, so
     that its address refuses connections as a killed server's would, and `start` opens it again."""
 
     def __init__(self, root: Path) -> None:
@@ -550,7 +551,8 @@ class MlflowServer:
                     str(self.server_port), "--workers", "1", "--backend-store-uri",
                     f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts")]
             with open(self.root / "mlflow-server.log", "a") as log:
-                self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
             url = f"http://127.0.0.1:{self.server_port}/health"
             wait_for(lambda: _http_status(url, None) == 200 if _connects("127.0.0.1", self.server_port)
                      else False, 120, "mlflow server")
