@@ -43,6 +43,11 @@ def _tune(tmp_path: Path, *extra: str, name: str = "e2e") -> int:
     return main([*_tune_args(tmp_path, name), *extra])
 
 
+# the simulated start-up: 1 simulated s, not 20 (1 s of wall time a trial at --sim-time-scale 20); for the
+# tests that do not read the trials' commands back
+QUICK_START = "--engine-arg=--startup-seconds 1"
+
+
 def _storage(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
 
@@ -122,12 +127,12 @@ def test_failed_trials_are_recorded_with_cause_and_the_study_goes_on(tmp_path, c
 
 
 def test_interrupted_trial_is_run_again(tmp_path, capsys):
-    assert _tune(tmp_path, "--trials", "1", "--no-mlflow", name="crash") == 0
+    assert _tune(tmp_path, "--trials", "1", "--no-mlflow", QUICK_START, name="crash") == 0
     study = load_study("crash", _storage(tmp_path))
     # what a `tune` killed mid-trial leaves behind: a RUNNING trial in the storage
     orphan = study.ask({"max_num_seqs": optuna.distributions.IntDistribution(8, 1024, log=True)})
     assert study.trials[orphan.number].state == optuna.trial.TrialState.RUNNING
-    assert _tune(tmp_path, "--trials", "2", "--no-mlflow", name="crash") == 0
+    assert _tune(tmp_path, "--trials", "2", "--no-mlflow", QUICK_START, name="crash") == 0
     assert "1 interrupted trial(s) will run again" in capsys.readouterr().out
     study = load_study("crash", _storage(tmp_path))
     assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
@@ -139,8 +144,8 @@ def test_interrupted_trial_is_run_again(tmp_path, capsys):
 
 
 def test_resumed_seeded_study_does_not_repeat_its_first_proposals(tmp_path):
-    assert _tune(tmp_path, "--trials", "3", "--no-mlflow", "--sampler", "random", name="seeded") == 0
-    assert _tune(tmp_path, "--trials", "5", "--no-mlflow", "--sampler", "random", name="seeded") == 0
+    assert _tune(tmp_path, "--trials", "3", "--no-mlflow", "--sampler", "random", QUICK_START, name="seeded") == 0
+    assert _tune(tmp_path, "--trials", "5", "--no-mlflow", "--sampler", "random", QUICK_START, name="seeded") == 0
     study = load_study("seeded", _storage(tmp_path))
     configs = [tuple(sorted(t.params.items())) for t in study.trials if t.params]
     assert len(configs) == len(set(configs))
@@ -160,7 +165,7 @@ def test_a_failing_region_is_learnt_and_not_launched_again(tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(FAILING_REGION)
     assert _tune(tmp_path, "--trials", "8", "--no-mlflow", "--sampler", "random", "--space", str(space),
-                 "--gpus", "1", name="region") == 0
+                 "--gpus", "1", QUICK_START, name="region") == 0
     assert "launch(es) avoided" in capsys.readouterr().out
     study = load_study("region", _storage(tmp_path))
     failed = [t for t in study.trials if t.user_attrs.get("failure") == Outcome.OOM_STARTUP]
@@ -186,7 +191,7 @@ def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, caps
     space = tmp_path / "space.yaml"
     space.write_text(QUEUEING)
     assert _tune(tmp_path, "--trials", "6", "--no-mlflow", "--sampler", "random", "--space", str(space),
-                 "--slo", "ttft_p99=20s", "--gpus", "1", name="hopeless") == 0
+                 "--slo", "ttft_p99=20s", "--gpus", "1", QUICK_START, name="hopeless") == 0
     out = capsys.readouterr().out
     assert "stopped early" in out and "GPU-s of replay not run" in out
     study = load_study("hopeless", _storage(tmp_path))
@@ -209,7 +214,7 @@ def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, caps
 
 
 def test_finalists_are_measured_again_and_their_capacity_found(tmp_path, capsys):
-    assert _tune(tmp_path, "--trials", "4", "--no-mlflow", "--halving", "--slo", "ttft_p99=20s",
+    assert _tune(tmp_path, "--trials", "4", "--no-mlflow", "--halving", "--slo", "ttft_p99=20s", QUICK_START,
                  "--finalists", "1", "--repeats", "3", "--capacity", "--attainment", "0.9", name="finals") == 0
     out = capsys.readouterr().out
     assert "finalists measured again" in out
