@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import http.server
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +59,45 @@ def test_help_shows_defaults_once(capsys):
     assert "--eta ETA successive halving keeps the top 1/eta at each rung (default: 2.0)" in text
     assert "(default: 2 for real engines with --slo, else 0)" in text  # --finalists names its own default
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def _imported(argv: list[str], cwd: Path) -> set[str]:
+    """The top-level packages a `tune` command imported (python -X importtime, read from stderr)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "tuner", *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def test_report_imports_neither_ray_nor_mlflow_nor_the_load_generator(tmp_path):
+    store = tmp_path / "optuna.db"
+    shutil.copy(Path(__file__).parents[1] / "experiments" / "h100-vllm" / "optuna.db", store)
+    imported = _imported(["report", "h100-vllm-mooncake40", "--storage", f"sqlite:///{store}", "--no-mlflow",
+                          "--out", str(tmp_path / "out")], tmp_path)
+    assert {"optuna", "matplotlib"} <= imported  # what the report needs (the check itself works)
+    assert not imported & {"ray", "mlflow", "aiohttp"}
+    assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_report_without_matplotlib_writes_everything_but_the_pngs_and_says_so(tmp_path):
+    """matplotlib is the `plots` extra: a plain install still gets the report, pareto.html and pareto.txt."""
+    store = tmp_path / "optuna.db"
+    shutil.copy(Path(__file__).parents[1] / "experiments" / "h100-vllm" / "optuna.db", store)
+    argv = ["report", "h100-vllm-mooncake40", "--storage", f"sqlite:///{store}", "--no-mlflow", "--out", "out"]
+    script = f"import sys; sys.modules['matplotlib'] = None; from tuner.cli import main; sys.exit(main({argv!r}))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "note: no PNG figures: matplotlib is not installed (pip install 'servetune[plots]')" in done.stdout
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.iterdir()) == ["pareto.html", "pareto.txt", "report.md"]
+    report = (out / "report.md").read_text()
+    assert ".png" not in report and "[pareto.html](pareto.html)" in report and "## Pareto front" in report
+
+
+def test_help_of_one_subcommand_imports_only_that_one(tmp_path):
+    imported = _imported(["export", "--help"], tmp_path)
+    assert not imported & {"numpy", "aiohttp", "ray", "mlflow", "matplotlib"}
 
 
 class _SlowStart(http.server.BaseHTTPRequestHandler):

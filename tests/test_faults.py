@@ -496,28 +496,87 @@ def test_killed_tune_leaves_no_server_and_the_same_command_finishes_the_study(tm
 
 # --- the MLflow server goes away ----------------------------------------------------------------------
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Gate:
+    """A TCP forwarder on 127.0.0.1:`port` to `upstream`. Closed, it refuses connections and cuts the open
+    ones, as a killed server does; open again, on the same port, it forwards again."""
+
+    def __init__(self, port: int, upstream: int) -> None:
+        self.port, self.upstream = port, upstream
+        self.listener: socket.socket | None = None
+        self.open_sockets: list[socket.socket] = []
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        for sock in self.open_sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.open_sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            self.open_sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with its own SQLite store, that the test stops and starts."""
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store, that the test takes away and brings
+    back. The server starts once (tens of seconds on 2 cores; without MLflow's job executor, which
+    servetune does not use and which takes 8 more processes); `stop` closes the gate in front of it, so
+    that its address refuses connections as a killed server's would, and `start` opens it again."""
 
     def __init__(self, root: Path) -> None:
         self.root, self.process = root, None
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port, self.server_port = _free_port(), _free_port()
+        self.gate = _Gate(self.port, self.server_port)
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                str(self.port), "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination", str(self.root / "artifacts")]
-        with open(self.root / "mlflow-server.log", "a") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: _http_status(self.uri + "/health", None) == 200 if _connects("127.0.0.1", self.port)
-                 else False, 120, "mlflow server")
+        if self.process is None:
+            argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                    str(self.server_port), "--workers", "1", "--backend-store-uri",
+                    f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts")]
+            with open(self.root / "mlflow-server.log", "a") as log:
+                self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            url = f"http://127.0.0.1:{self.server_port}/health"
+            wait_for(lambda: _http_status(url, None) == 200 if _connects("127.0.0.1", self.server_port)
+                     else False, 120, "mlflow server")
+        self.gate.open()
+        wait_for(lambda: _http_status(self.uri + "/health", None) == 200, 30, "mlflow server behind the gate")
 
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        self.gate.close()
         wait_for(lambda: not _connects("127.0.0.1", self.port), 30, "mlflow server to stop")
 
 
@@ -600,5 +659,6 @@ def test_mlflow_outage_loses_nothing(tmp_path):
     finally:
         if tune.poll() is None:
             tune.kill()
+        server.gate.close()
         if server.process is not None and server.process.poll() is None:
             os.killpg(server.process.pid, signal.SIGKILL)

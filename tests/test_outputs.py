@@ -37,12 +37,22 @@ def test_front_without_slo_has_no_slo_column_and_fits_120_columns():
     assert header[2:4] == ["goodput", "SLO"] and header[-1] == "max_num_seqs" and " ok " in with_slo
 
 
-def test_pareto_html_carries_plotly_and_opens_offline(tmp_path):
+def test_pareto_html_needs_nothing_else_and_shows_every_trial(tmp_path):
     path = pareto_html(POINTS, POINTS[1:], Objectives(), tmp_path / "pareto.html", "t")
     text = path.read_text()
-    assert not re.search(r"<script[^>]*\bsrc=", text)  # no script fetched from anywhere
-    assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js itself is inside
-    assert path.stat().st_size < 10_000_000
+    assert not re.search(r"<(script|link|img)[^>]*\b(src|href)=", text)  # nothing fetched from anywhere
+    assert path.stat().st_size < 100_000
+    charts = re.findall(r"<svg.*?</svg>", text, re.S)
+    assert len(charts) == 2  # one per latency objective: ttft_p99, tpot_p99
+    for chart in charts:
+        assert chart.count('class="trial"') == 2 and chart.count('class="defaults"') == 1
+        # each mark's tooltip names its trial and knobs
+        assert "trial 3 (vllm)" in chart and "trial 0 (defaults) (vllm)" in chart and "max_num_seqs=128" in chart
+    # the front of throughput against TTFT p99 runs through trials 5 (250 ms) and 3 (450 ms) as a step
+    front = re.search(r'class="front"[^>]*points="([^"]*)"', charts[0]).group(1).split()
+    assert len(front) == 3
+    rows = re.findall(r"<tr><td>(\d+)", text)
+    assert sorted(rows) == ["0", "3", "5"]
 
 
 def test_pareto_png_legend_lies_outside_the_axes(tmp_path):

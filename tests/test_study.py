@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -32,10 +34,18 @@ def local_ray():
     ray.shutdown()
 
 
+def _tune_args(tmp_path: Path, name: str = "e2e") -> list[str]:
+    return ["--workload", str(WORKLOAD), "--rows", "24", "--time-scale", "3", "--engine", "sim", "--gpus", "2",
+            "--sim-time-scale", "20", "--study-name", name, "--out", str(tmp_path / "runs"), "--seed", "7"]
+
+
 def _tune(tmp_path: Path, *extra: str, name: str = "e2e") -> int:
-    return main(["--workload", str(WORKLOAD), "--rows", "24", "--time-scale", "3", "--engine", "sim",
-                 "--gpus", "2", "--sim-time-scale", "20", "--study-name", name, "--out", str(tmp_path / "runs"),
-                 "--seed", "7", *extra])
+    return main([*_tune_args(tmp_path, name), *extra])
+
+
+# the simulated start-up: 1 simulated s, not 20 (1 s of wall time a trial at --sim-time-scale 20); for the
+# tests that do not read the trials' commands back
+QUICK_START = "--engine-arg=--startup-seconds 1"
 
 
 def _storage(tmp_path: Path) -> str:
@@ -87,9 +97,14 @@ def test_study_runs_records_resumes_and_exports(tmp_path, capsys):
     assert exported[-1] == shell_line(best)  # after a comment line when the configuration changes outputs
     assert all(line.startswith("# servetune: ") for line in exported[:-1])
 
-    # the same command again resumes: nothing re-runs; asking for one more runs one more
-    assert _tune(tmp_path, "--trials", "4", "--slo", "ttft_p99=60s") == 0
-    assert "already has 4 finished trials" in capsys.readouterr().out
+    # the same command again resumes: nothing re-runs, the report is printed again without starting Ray
+    # or MLflow (seconds to import); asking for one more runs one more
+    again = subprocess.run([sys.executable, "-X", "importtime", "-m", "tuner", *_tune_args(tmp_path),
+                            "--trials", "4", "--slo", "ttft_p99=60s"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already has 4 finished trials" in again.stdout and "Pareto front" in again.stdout
+    imported = {line.split("|")[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert "optuna" in imported and not imported & {"ray", "mlflow"}
     assert _tune(tmp_path, "--trials", "5", "--slo", "ttft_p99=60s") == 0
     study = load_study("e2e", _storage(tmp_path))
     assert sum(1 for t in study.trials if t.state.is_finished() and t.user_attrs.get("failure") != "constraint") == 5
@@ -112,12 +127,12 @@ def test_failed_trials_are_recorded_with_cause_and_the_study_goes_on(tmp_path, c
 
 
 def test_interrupted_trial_is_run_again(tmp_path, capsys):
-    assert _tune(tmp_path, "--trials", "1", "--no-mlflow", name="crash") == 0
+    assert _tune(tmp_path, "--trials", "1", "--no-mlflow", QUICK_START, name="crash") == 0
     study = load_study("crash", _storage(tmp_path))
     # what a `tune` killed mid-trial leaves behind: a RUNNING trial in the storage
     orphan = study.ask({"max_num_seqs": optuna.distributions.IntDistribution(8, 1024, log=True)})
     assert study.trials[orphan.number].state == optuna.trial.TrialState.RUNNING
-    assert _tune(tmp_path, "--trials", "2", "--no-mlflow", name="crash") == 0
+    assert _tune(tmp_path, "--trials", "2", "--no-mlflow", QUICK_START, name="crash") == 0
     assert "1 interrupted trial(s) will run again" in capsys.readouterr().out
     study = load_study("crash", _storage(tmp_path))
     assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
@@ -129,8 +144,8 @@ def test_interrupted_trial_is_run_again(tmp_path, capsys):
 
 
 def test_resumed_seeded_study_does_not_repeat_its_first_proposals(tmp_path):
-    assert _tune(tmp_path, "--trials", "3", "--no-mlflow", "--sampler", "random", name="seeded") == 0
-    assert _tune(tmp_path, "--trials", "5", "--no-mlflow", "--sampler", "random", name="seeded") == 0
+    assert _tune(tmp_path, "--trials", "3", "--no-mlflow", "--sampler", "random", QUICK_START, name="seeded") == 0
+    assert _tune(tmp_path, "--trials", "5", "--no-mlflow", "--sampler", "random", QUICK_START, name="seeded") == 0
     study = load_study("seeded", _storage(tmp_path))
     configs = [tuple(sorted(t.params.items())) for t in study.trials if t.params]
     assert len(configs) == len(set(configs))
@@ -150,7 +165,7 @@ def test_a_failing_region_is_learnt_and_not_launched_again(tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(FAILING_REGION)
     assert _tune(tmp_path, "--trials", "8", "--no-mlflow", "--sampler", "random", "--space", str(space),
-                 "--gpus", "1", name="region") == 0
+                 "--gpus", "1", QUICK_START, name="region") == 0
     assert "launch(es) avoided" in capsys.readouterr().out
     study = load_study("region", _storage(tmp_path))
     failed = [t for t in study.trials if t.user_attrs.get("failure") == Outcome.OOM_STARTUP]
@@ -176,7 +191,7 @@ def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, caps
     space = tmp_path / "space.yaml"
     space.write_text(QUEUEING)
     assert _tune(tmp_path, "--trials", "6", "--no-mlflow", "--sampler", "random", "--space", str(space),
-                 "--slo", "ttft_p99=20s", "--gpus", "1", name="hopeless") == 0
+                 "--slo", "ttft_p99=20s", "--gpus", "1", QUICK_START, name="hopeless") == 0
     out = capsys.readouterr().out
     assert "stopped early" in out and "GPU-s of replay not run" in out
     study = load_study("hopeless", _storage(tmp_path))
@@ -199,7 +214,7 @@ def test_a_hopeless_trial_is_stopped_early_and_recorded_as_pruned(tmp_path, caps
 
 
 def test_finalists_are_measured_again_and_their_capacity_found(tmp_path, capsys):
-    assert _tune(tmp_path, "--trials", "4", "--no-mlflow", "--halving", "--slo", "ttft_p99=20s",
+    assert _tune(tmp_path, "--trials", "4", "--no-mlflow", "--halving", "--slo", "ttft_p99=20s", QUICK_START,
                  "--finalists", "1", "--repeats", "3", "--capacity", "--attainment", "0.9", name="finals") == 0
     out = capsys.readouterr().out
     assert "finalists measured again" in out

@@ -48,7 +48,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand is listed; only `command`'s module is imported for its options (all when None):
+    importing them all costs seconds (numpy, aiohttp, SQLAlchemy, Optuna)."""
     parser = _Parser(prog="tune", description=__doc__,
                      epilog="`tune --workload F ...` is `tune run --workload F ...`; "
                             "`servetune` is the same program where Ray's own `tune` shadows it.")
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     for name, (module, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(sub_parser)
+        if command is None or command == name:
+            importlib.import_module(module).add_arguments(sub_parser)
         sub_parser.set_defaults(_module=module)
     return parser
 
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     _default_sigint()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        build_parser().print_help()
+        build_parser("").print_help()
         return 0
     if argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         close = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1, cutoff=0.5)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             if argv[0] in SUBCOMMANDS else None
         if expand is not None:
             argv = [argv[0], *expand(argv[1:])]
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv[0] if argv[0] in SUBCOMMANDS else "").parse_args(argv)
         return int(importlib.import_module(args._module).run(args) or 0)
     except InputError as exc:
         print(f"tune: error: {exc}", file=sys.stderr)

@@ -79,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"logged to MLflow, the parent run of study '{name}'")
     if several:
         markdown, png = write_comparison([r.result for r in reports], out)
-        print(f"\ncomparison: {markdown}\nfronts:     {png}")
+        print(f"\ncomparison: {markdown}" + (f"\nfronts:     {png}" if png else ""))
     return 0

@@ -11,8 +11,10 @@ from tuner.report.results import StudyResult
 from tuner.tracking.plots import pyplot, save_png
 
 
-def importance_png(importances: Importances, path: Path, title: str) -> Path:
+def importance_png(importances: Importances, path: Path, title: str) -> Path | None:
     plt = pyplot()
+    if plt is None:
+        return None
     names = list(importances.values)[::-1]  # largest at the top
     fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(names), 2) + 1.5))
     if names:
@@ -25,10 +27,12 @@ def importance_png(importances: Importances, path: Path, title: str) -> Path:
     return save_png(fig, path)
 
 
-def fronts_png(results: list[StudyResult], metric: str, path: Path, title: str) -> Path:
+def fronts_png(results: list[StudyResult], metric: str, path: Path, title: str) -> Path | None:
     """Each study's front of throughput vs `metric` in its own colour, its other trials faint, its
     defaults baseline a star of that colour."""
     plt = pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.get_cmap("tab10").colors
     labels = [r.label for r in results]

@@ -13,6 +13,7 @@ from tuner.records.pareto import Point, front_table
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.report.importance import Importances
 from tuner.report.results import STOPPED, StudyResult
+from tuner.tracking.plots import NO_PNG
 
 SIMULATED_NOTE = ("> **SIMULATED**: these figures come from servetune's performance model of the GPU, not from a "
                   "GPU. Confirm a recommendation on real hardware.")
@@ -148,12 +149,12 @@ def finals_rows(result: StudyResult) -> tuple[list[str], list[list]]:
     return header, rows
 
 
-def importance_section(importances: Importances) -> str:
+def importance_section(importances: Importances, png: bool = True) -> str:
     if not importances.ok:
         return importances.note + "."
     rows = [[name, f"{value:.3f}"] for name, value in importances.values.items()]
     return (f"For {importances.target} (PED-ANOVA over the sampled trials; the shares sum to 1):\n\n"
-            + md_table(["knob", "importance"], rows) + "\n\n![parameter importances](importance.png)")
+            + md_table(["knob", "importance"], rows) + ("\n\n![parameter importances](importance.png)" if png else ""))
 
 
 def issues_section(result: StudyResult) -> str:
@@ -172,14 +173,15 @@ def issues_section(result: StudyResult) -> str:
     return "\n\n".join(parts)
 
 
-def study_markdown(result: StudyResult, importances: Importances) -> str:
+def study_markdown(result: StudyResult, importances: Importances, pngs: bool = True) -> str:
+    """`pngs`: whether the PNG figures were drawn (matplotlib, the `plots` extra, may be missing)."""
     sections = [f"# servetune report: `{result.name}`" + (" (SIMULATED)" if result.simulated else "")]
     if result.simulated:
         sections.append(SIMULATED_NOTE)
     sections += [facts_table(result)]
     if result.points:
         sections += ["## Pareto front", front_markdown(result),
-                     "![Pareto front](pareto.png)\n\nInteractive: [pareto.html](pareto.html)",
+                     ("![Pareto front](pareto.png)\n\n" if pngs else "") + "Interactive: [pareto.html](pareto.html)",
                      "## Best point vs the engine's defaults", best_vs_baseline(result),
                      "## Goodput under the SLO", goodput_section(result)]
     else:
@@ -190,7 +192,7 @@ def study_markdown(result: StudyResult, importances: Importances) -> str:
                      "Each finalist ran again on a fresh server with the same requests at re-timed arrivals (another "
                      "seed each time): mean ± 95% confidence interval (Student t). Capacity: the highest Poisson "
                      "request rate that met the SLO, found by bisection.\n\n" + md_table(header, rows)]
-    sections += ["## Parameter importances", importance_section(importances),
+    sections += ["## Parameter importances", importance_section(importances, pngs),
                  "## Failed and pruned trials", issues_section(result)]
     return "\n\n".join(sections) + "\n"
 
@@ -240,7 +242,7 @@ def common_reference(results: list[StudyResult], metric: str) -> tuple[float, fl
     return 0.0, reference_latency(limit, [p.value(metric) for r in results for p in r.points])
 
 
-def comparison_markdown(results: list[StudyResult], png_name: str) -> str:
+def comparison_markdown(results: list[StudyResult], png_name: str | None) -> str:
     metric = results[0].first_latency
     reference = common_reference(results, metric)
     volumes = [hypervolume_2d([(p.value(THROUGHPUT), p.value(metric)) for p in r.front], reference) for r in results]
@@ -266,7 +268,7 @@ def comparison_markdown(results: list[StudyResult], png_name: str) -> str:
                       f"{metric} = {reference[1]:,.0f} ms, as a share of the largest.")
     sections.append(md_table(["study", "engine", "GPUs", "model", "trials ok/failed", "best tok/s", f"best {metric} ms",
                               "best goodput req/s", "defaults tok/s", "best / defaults", "hypervolume"], rows))
-    sections.append(f"![Pareto fronts]({png_name})")
+    sections.append(f"![Pareto fronts]({png_name})" if png_name else f"({NO_PNG})")
     with_best = [(r, r.best) for r in results if r.best is not None]
     if with_best:
         top, best = max(with_best, key=lambda pair: pair[1].value(THROUGHPUT))

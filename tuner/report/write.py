@@ -12,7 +12,7 @@ from tuner.report.figures import fronts_png, importance_png
 from tuner.report.importance import Importances, param_importances
 from tuner.report.markdown import comparison_markdown, console_text, front_text, study_markdown
 from tuner.report.results import StudyResult, load_result
-from tuner.tracking.plots import pareto_html, pareto_png
+from tuner.tracking.plots import NO_PNG, pareto_html, pareto_png
 
 
 @dataclass
@@ -31,19 +31,23 @@ def write_study_report(study: optuna.Study, out_dir: Path, slo: SLO | None = Non
     importances = param_importances(study)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{study.study_name}: {result.label}"
-    files = [out_dir / "report.md"]
+    files: list[Path | None] = [out_dir / "report.md"]
     if result.points:
         files.append(pareto_png(result.points, result.front, result.objectives, out_dir / "pareto.png", title))
         files.append(pareto_html(result.points, result.front, result.objectives, out_dir / "pareto.html", title))
         (out_dir / "pareto.txt").write_text(front_text(result) + "\n")
         files.append(out_dir / "pareto.txt")
     files.append(importance_png(importances, out_dir / "importance.png", title))
-    files[0].write_text(study_markdown(result, importances))
-    return WrittenReport(result=result, importances=importances, files=files,
-                         console=console_text(result, importances), metrics=result.metrics())
+    written = [f for f in files if f is not None]
+    pngs = len(written) == len(files)
+    written[0].write_text(study_markdown(result, importances, pngs))
+    console = console_text(result, importances) + ("" if pngs else f"\nnote: {NO_PNG}")
+    return WrittenReport(result=result, importances=importances, files=written, console=console,
+                         metrics=result.metrics())
 
 
-def write_comparison(results: list[StudyResult], out_dir: Path) -> list[Path]:
+def write_comparison(results: list[StudyResult], out_dir: Path) -> tuple[Path, Path | None]:
+    """comparison.md and fronts.png (None without matplotlib, the `plots` extra)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = results[0].first_latency
     title = f"Pareto fronts: output tokens/s vs {metric}"
@@ -51,8 +55,8 @@ def write_comparison(results: list[StudyResult], out_dir: Path) -> list[Path]:
         title += " (SIMULATED)"
     png = fronts_png(results, metric, out_dir / "fronts.png", title)
     markdown = out_dir / "comparison.md"
-    markdown.write_text(comparison_markdown(results, png.name))
-    return [markdown, png]
+    markdown.write_text(comparison_markdown(results, png.name if png else None))
+    return markdown, png
 
 
 def log_to_mlflow(tracking_uri: str, study_name: str, report: WrittenReport, buffer_path: Path) -> bool:

@@ -89,9 +89,13 @@ def with_earlier_trials(campaign: Campaign, trials: list) -> Campaign:
                     ended_at=campaign.ended_at, spans=spans)
 
 
-def gantt_png(campaign: Campaign, path: Path, title: str) -> Path:
-    """One row per GPU (node, Ray GPU id); each trial a bar: start-up light, measuring dark, rest grey."""
-    import matplotlib
+def gantt_png(campaign: Campaign, path: Path, title: str) -> Path | None:
+    """One row per GPU (node, Ray GPU id); each trial a bar: start-up light, measuring dark, rest grey.
+    None where matplotlib (the `plots` extra) is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -458,13 +458,14 @@ class Tuner:
                 "model": self.options.model, "simulated": str(get_engine(engine).simulated).lower()}
 
     def run(self) -> optuna.Study:
-        from tuner.runner.pool import TrialPool, init_ray
-
         o = self.options
         study = self.open_study()
         session = self._session
         total = o.trials or 0
-        if o.mlflow_uri:
+        already = session.finished()
+        finished = o.trials is not None and already >= o.trials and not (o.finalists or o.capacity)
+        # a finished study is only reprinted: MLflow (seconds to import) has it already, unless records wait
+        if o.mlflow_uri and (not finished or (self.run_dir / "mlflow-buffer.jsonl").exists()):
             from tuner.tracking.mlflow_log import StudyTracker
 
             self.tracker = StudyTracker(o.mlflow_uri, "servetune", o.study_name,
@@ -476,11 +477,12 @@ class Tuner:
                                    {"trace_sha256": o.workload_digest,
                                     "simulated": str(is_simulated(o.engines)).lower()})
         self.halving = SuccessiveHalving.from_study(study, eta=o.eta)
-        already = session.finished()
         if o.trials is not None and already >= o.trials:
             self.say(f"study '{o.study_name}' already has {already} finished trials (asked for {o.trials})")
-            if not (o.finalists or o.capacity):
+            if finished:
                 return study
+        from tuner.runner.pool import TrialPool, init_ray
+
         if o.ray_address:
             for note in cluster_notes(o.storage, o.mlflow_uri):
                 self.say(f"note: {note}")
@@ -613,7 +615,7 @@ class Tuner:
         campaign.write_json(self.run_dir / "campaign.json")
         everything = with_earlier_trials(campaign, study.get_trials(deepcopy=False))  # across resumes
         title = f"{self.options.study_name}: schedule of {len(everything.spans)} trials on {campaign.gpus} GPU(s)"
-        png = gantt_png(everything, self.run_dir / "schedule.png", title)
+        png = gantt_png(everything, self.run_dir / "schedule.png", title) or "(none: matplotlib is not installed)"
         s = campaign.summary()
         self.say(f"\ncampaign: {s['trials']} trials in {_fmt_duration(s['wall_s'])} on {s['gpus']} GPU(s); "
                  f"GPU utilisation {s['utilisation']:.2f} (measuring / held), GPUs inside trials "

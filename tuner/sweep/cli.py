@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     fronts = None
     if studies:
         _, png = write_comparison(studies, runs_dir / current.run_id)
-        fronts = str(png)
+        fronts = str(png) if png else None
     summary = summary_markdown(current, fronts or _earlier_fronts(runs_dir, current.run_id))
     (runs_dir / f"{current.run_id}.json").write_text(current.to_json())
     (runs_dir / f"{current.run_id}.md").write_text(summary)
