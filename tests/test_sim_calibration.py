@@ -151,3 +151,32 @@ def test_calibration_round_trips_through_json_and_the_cache(tmp_path, monkeypatc
     bad.write_text(json.dumps({"constants": {"linear_mfu": -1}}))
     with pytest.raises(InputError, match="bad.json: field 'linear_mfu': must be a positive number"):
         load_constants(bad)
+
+
+@pytest.mark.slow
+def test_tune_records_the_trace_selection_and_observations_replay_at_its_time_scale(tmp_path):
+    import optuna
+    import ray
+
+    from tuner.cli import main
+    from tuner.records.trial import StudyRecord
+    from tuner.simulator.observations import observations_from_study
+    from tuner.workload.transform import load_workload
+
+    workload = Path(__file__).parents[1] / "workloads" / "azure_conv_rows0-399.jsonl"  # arrivals spread out
+    try:
+        assert main(["--workload", str(workload), "--rows", "4", "--time-scale", "4", "--engine", "sim",
+                     "--sim-time-scale", "50", "--trials", "1", "--no-mlflow", "--study-name", "sel",
+                     "--out", str(tmp_path), "--seed", "1", "--quiet"]) == 0
+    finally:
+        ray.shutdown()
+    study = optuna.load_study(study_name="sel", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert StudyRecord.of(study).selection == {"rows": 4, "seconds": None, "time_scale": 4.0}
+    [observation] = observations_from_study(study, engines=("sim",))
+    assert observation.time_scale == 4.0 and observation.rows == 4
+    replayed = observation.requests(Path("/"))
+    unscaled = load_workload(workload, rows=4)
+    assert [r.arrival_s for r in replayed] == pytest.approx([r.arrival_s / 4 for r in unscaled])
+    assert replayed[-1].arrival_s > 0
+    old = Observation(**{**vars(observation), "time_scale": 1.0})  # a store from before the field
+    assert old.requests(Path("/"))[-1].arrival_s == pytest.approx(unscaled[-1].arrival_s)
