@@ -66,6 +66,31 @@ def test_fp8_kv_time_follows_the_calibrated_speedup_not_the_byte_count():
     assert base / 2 < faster.decode_step_time(256, 4096) < base
 
 
+def test_triton_attention_reads_kv_at_its_calibrated_share():
+    """H200, vLLM 0.26.0: TRITON_ATTN steps took 21-40 ms where FlashAttention's KV bandwidth prices
+    8-24 ms; decode attention on TRITON_ATTN is priced at `triton_kv_share` of FlashAttention's."""
+    decode = StepBatch(num_decode_seqs=128, decode_tokens=128, decode_context=128 * 2000, decode_pairs=128 * 2000,
+                       sampled_rows=128)
+    flash = PerfModel(SimConfig(attention_backend="FLASH_ATTN")).decode_attention_time(decode)
+    triton = PerfModel(SimConfig(attention_backend="TRITON_ATTN")).decode_attention_time(decode)
+    assert triton / flash == pytest.approx(1 / PerfConstants().triton_kv_share)
+    half = PerfModel(SimConfig(attention_backend="TRITON_ATTN", constants=PerfConstants(triton_kv_share=0.5)))
+    assert half.decode_attention_time(decode) == pytest.approx(2 * flash)
+    assert PerfModel(SimConfig(attention_backend="TRITON_ATTN")).decode_step_time(128, 2000) > \
+        2 * PerfModel(SimConfig(attention_backend="FLASH_ATTN")).decode_step_time(128, 2000)
+
+
+def test_gemm_ramp_ends_sooner_on_a_gpu_with_more_bandwidth_per_flop():
+    """Same peak FLOP/s, 1.43x the bandwidth: an H200 runs a 400-token step's GEMMs about 12 % faster
+    than an H100 (the bf16 defaults on H200 were under-predicted by ~20 %); a 16k-token step the same."""
+    h100, h200 = PerfModel(SimConfig(gpu="h100")), PerfModel(SimConfig(gpu="h200"))
+    ramp = PerfConstants().gemm_ramp_tokens
+    h200_ramp = ramp * 3.35 / 4.8  # the ridge point moves with bandwidth at equal peak
+    assert h100.linear_time(400, 400) / h200.linear_time(400, 400) == pytest.approx((400 + ramp) / (400 + h200_ramp))
+    assert h100.linear_time(400, 400) / h200.linear_time(400, 400) > 1.1
+    assert h100.linear_time(16384, 256) / h200.linear_time(16384, 256) == pytest.approx(1.0, abs=0.01)
+
+
 # ---- refused combinations -----------------------------------------------------------------------
 
 def test_flex_attention_with_fp8_kv_is_refused_with_vllm_0_26_message():
