@@ -1,9 +1,10 @@
 """The few constants of the performance model that calibration fits from real trials.
 
-Everything else in the model follows from the model shape and the GPU's datasheet; these six say
-how close real kernels get to that datasheet on one (GPU, engine version, model shape). Defaults
-are the fit on all six committed H100 vLLM 0.26.0 configurations (experiments/benchmarks/sim_fidelity.md);
-the CPU step overhead hides under GPU time there (async scheduling), so it keeps its prior value.
+Everything else in the model follows from the model shape and the GPU's datasheet; these say how
+close real kernels get to that datasheet on one (GPU, engine version, model shape). Defaults are the
+fit on all six committed H100 vLLM 0.26.0 configurations (experiments/benchmarks/sim_fidelity.md);
+the CPU step overhead hides under GPU time there (async scheduling), so it keeps its prior value. No
+H100 trial ran TRITON_ATTN: its KV share comes from the two H200 TRITON_ATTN configurations.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class PerfConstants:
     kv_bw_efficiency: float = 0.90  # share of HBM bandwidth decode attention reads KV at
     step_overhead_s: float = 0.35e-3  # CPU work per step (scheduling, sampling, outputs)
     fp8_kv_speedup: float = 1.25  # attention time bf16 KV / fp8 KV (fp8 reads and fp8 tensor cores)
+    # KV read bandwidth of TRITON_ATTN against FlashAttention; set from the H200 trials, not fitted
+    # (calibration.FITTED): every TRITON_ATTN trial there ran fp8 KV, so a fit trades it for fp8_kv_speedup
+    triton_kv_share: float = 0.12
 
     def with_values(self, values: dict[str, float]) -> PerfConstants:
         return replace(self, **values)

@@ -40,6 +40,7 @@ class Observation:
     max_model_len: int | None = None
     measured: dict[str, float] = field(default_factory=dict)  # empty when the engine failed
     failure: str | None = None  # the failure class when the engine did not serve
+    time_scale: float = 1.0  # the study's `--time-scale` (StudyRecord.selection); 1.0 where it predates it
 
     @property
     def key(self) -> str:
@@ -52,7 +53,7 @@ class Observation:
                          engine=self.engine, engine_version=self.version, constants=constants, **known)
 
     def requests(self, root: Path) -> list[TraceRequest]:
-        return load_workload(root / self.workload, rows=self.rows)
+        return load_workload(root / self.workload, rows=self.rows, time_scale=self.time_scale)
 
 
 def sim_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +94,8 @@ def observation_of(trial: FrozenTrial, study_attrs: dict[str, Any], defaults: di
                    engines: tuple[str, ...] = REAL_ENGINES) -> Observation | None:
     """A completed or failed trial of one of `engines`; None for anything else (pruned, running...).
 
-    `defaults` fill what the study does not record; its `shape` names the model shape outright."""
+    `defaults` fill what the study does not record (a `selection` for a study older than that field);
+    its `shape` names the model shape outright."""
     attrs = {**defaults, **study_attrs}
     engine = trial.user_attrs.get("engine")
     shape = defaults.get("shape") or shape_of(str(attrs.get("model", "")))
@@ -112,7 +114,8 @@ def observation_of(trial: FrozenTrial, study_attrs: dict[str, Any], defaults: di
                        gpu=str(attrs.get("gpu", "h100")), model_shape=shape, config=dict(trial.user_attrs["config"]),
                        workload=str(attrs.get("workload", "")), rows=rows,
                        max_model_len=max_model_len_of(list(trial.user_attrs.get("command") or [])),
-                       measured=measured, failure=failure)
+                       measured=measured, failure=failure,
+                       time_scale=float((attrs.get("selection") or {}).get("time_scale") or 1.0))
 
 
 def observations_from_study(study: optuna.Study, defaults: dict[str, Any] | None = None,

@@ -13,22 +13,26 @@ Memory, per GPU (bytes), as vLLM plans it after profiling:
 Calibrated so llama-3.1-8b on one H100 at 0.92 holds 463,280 tokens (real vLLM 0.26: 463,264).
 
 Step time for a batch of T tokens (decode tokens incl. speculative ones + prefill chunk tokens); the
-six calibrated constants (`PerfConstants`: mfu, ramp, attention mfu, KV bandwidth, step overhead,
-fp8 KV speedup) in
+calibrated constants (`PerfConstants`: mfu, ramp, attention mfu, KV bandwidth, step overhead,
+fp8 KV speedup, TRITON_ATTN KV share) in
 brackets:
     linear  = max(2 x active linear params x T / TP / (peak x [mfu] x ramp(T) x tp_eff),
                   weight bytes touched / TP / (HBM x 0.75))
-              ramp(T) = T / (T + [ramp]): GEMMs of a few hundred rows leave SMs idle (tiles, waves), so
-              a bigger token budget per step raises throughput; tp_eff = 0.92 per TP doubling (smaller
-              per-GPU GEMMs, all-reduce not overlapped with compute).
+              ramp(T) = T / (T + [ramp] x ridge): GEMMs of a few hundred rows leave SMs idle (tiles,
+              waves) and are partly bound by the weight reads, so a bigger token budget per step raises
+              throughput; ridge = the GPU's peak / HBM bandwidth over the H100's, as [ramp] is stated
+              for an H100 (an H200 leaves the bandwidth-bound regime at 0.7x the rows);
+              tp_eff = 0.92 per TP doubling (smaller per-GPU GEMMs, all-reduce not overlapped with compute).
               peak is the FP8 rate for --quantization fp8 on FP8 GPUs; MoE reads only the experts the
               batch touches: expert bytes x (1 - (1 - k/E)^T), at half the dense kernels' efficiency
               (5% better with --enable-expert-parallel)
     prefill attention = max(4 x layers x heads x head_dim x (query, key) pairs / TP
                                 / (bf16 peak x [attention mfu] x backend),
-                            KV bytes of the chunks' context / (HBM x [kv bw] x backend))
-    decode attention  = KV bytes the decodes read / (HBM x [kv bw] x backend), added to the prefill's:
+                            KV bytes of the chunks' context / (HBM x [kv bw] x backend KV share))
+    decode attention  = KV bytes the decodes read / (HBM x [kv bw] x backend KV share), added to the prefill's:
               in a mixed batch the decodes' KV reads are not hidden under the prefill's compute.
+              backend KV share: [triton kv share] for TRITON_ATTN (latency-bound, see
+              `kv_read_efficiency`), else the backend's efficiency.
               fp8 KV divides both attention times by [fp8 kv speedup] (fewer bytes; FlashAttention-3
               also runs QK/PV on fp8 tensor cores), far from the 2x a byte count alone would say.
     comm    = TP > 1: 2 all-reduces per layer: 10 us + 2(TP-1)/TP x T x hidden x 2 bytes / (link x 0.7)
@@ -48,9 +52,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tuner.hardware.gpus import GpuSpec, get_gpu
 from tuner.simulator.config import EngineStartupError, SimConfig
 
 GIB = 2**30
+REFERENCE_GPU = get_gpu("h100")  # the GPU the ramp constant is stated for
 # GEMM efficiency relative to bf16 dense (the calibrated `linear_mfu`), per weight format
 QUANT_MFU_RATIO = {"none": 1.0, "fp8": 1.1, "awq": 0.9, "gptq": 0.9}
 WEIGHT_BW_EFFICIENCY = 0.75
@@ -69,12 +75,35 @@ NCCL_BUFFER_BYTES = 0.25 * GIB
 DRAFT_COST = {"eagle": (0.25e-3, 0.04), "eagle3": (0.25e-3, 0.05), "draft_model": (0.35e-3, 0.15)}
 
 
+def ridge_ratio(gpu: GpuSpec) -> float:
+    """The GPU's FLOP-per-byte ridge point against the H100's, where `gemm_ramp_tokens` is stated: a
+    GEMM of T rows does 2T FLOPs per weight read (bf16), so it leaves the bandwidth-bound regime at a
+    T proportional to peak / bandwidth: fewer rows on an H200 (4.8 TB/s) than on an H100 (3.35)."""
+    return (gpu.bf16_tflops / gpu.hbm_tb_s) / (REFERENCE_GPU.bf16_tflops / REFERENCE_GPU.hbm_tb_s)
+
+
 def attention_efficiency(backend: str, compute_capability: tuple[int, int]) -> float:
-    """Relative kernel efficiency; `auto` picks the best for the GPU, as vLLM does."""
+    """Relative kernel efficiency of prefill attention (compute); `auto` picks the best for the GPU, as
+    vLLM does."""
     blackwell = compute_capability >= (10, 0)
     table = {"FLASH_ATTN": 0.92 if blackwell else 1.0, "FLASHINFER": 1.0 if blackwell else 0.95,
              "TRITON_ATTN": 0.8, "FLEX_ATTENTION": 0.7}
     return 1.0 if backend == "auto" else table[backend]
+
+
+def kv_read_efficiency(backend: str, compute_capability: tuple[int, int], triton_share: float) -> float:
+    """Relative bandwidth at which the backend's attention reads KV (decodes, earlier chunks).
+
+    TRITON_ATTN's is `triton_share` (`PerfConstants.triton_kv_share`): vLLM's unified Triton kernel
+    walks each sequence's context in small tiles, latency-bound where FlashAttention-3 splits the KV
+    and streams it with TMA. On H200 (vLLM 0.26.0, fp8 KV, chunked prefill off, experiments/h200-goodput)
+    vLLM counted 1,157 steps in 46 s where the simulator schedules 1,148 steps of the same tokens, priced
+    at 24 ms each with FlashAttention's bandwidth, not 40 (87 running with graphs: 21 ms, priced 8).
+    Scheduling is not the gap (whole prompts per step, as vLLM; the step counts agree), nor prefill
+    attention (0.2 s of the run); what grows with the running sequences' context is their KV reads."""
+    if backend == "TRITON_ATTN":
+        return triton_share
+    return attention_efficiency(backend, compute_capability)
 
 
 @dataclass(frozen=True)
@@ -165,13 +194,14 @@ class PerfModel:
         peak = gpu.fp8_tflops if fp8_compute else gpu.bf16_tflops
         tp_eff = TP_EFFICIENCY_PER_DOUBLING ** math.log2(tp)
         self.linear_flops_rate = peak * 1e12 * k.linear_mfu * QUANT_MFU_RATIO[config.quantization] * tp_eff
-        self.ramp_tokens = k.gemm_ramp_tokens
+        self.ramp_tokens = k.gemm_ramp_tokens * ridge_ratio(gpu)
         self.step_overhead = k.step_overhead_s
         backend = attention_efficiency(config.attention_backend, gpu.compute_capability)
         fp8_kv = 1.0 if config.kv_cache_dtype == "auto" else k.fp8_kv_speedup
         self.attention_flops_rate = gpu.bf16_tflops * 1e12 * k.attention_mfu * backend * fp8_kv
         self.weight_bw = gpu.hbm_tb_s * 1e12 * WEIGHT_BW_EFFICIENCY
-        self.kv_bw = gpu.hbm_tb_s * 1e12 * k.kv_bw_efficiency * backend * fp8_kv
+        kv_backend = kv_read_efficiency(config.attention_backend, gpu.compute_capability, k.triton_kv_share)
+        self.kv_bw = gpu.hbm_tb_s * 1e12 * k.kv_bw_efficiency * kv_backend * fp8_kv
         self.attention_flops_per_pair = 4 * shape.num_layers * shape.num_heads * d / tp
         kv_heads_per_gpu = max(1.0, shape.num_kv_heads / tp)
         layers_per_stage = shape.num_layers / pp

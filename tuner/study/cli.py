@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
         dummy_weights=bool(args.model_shape) and not simulated,
         prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=finalists, repeats=args.repeats,
         capacity=args.capacity, attainment=args.attainment, prescreen=args.prescreen,
-        prescreen_keep=args.prescreen_keep)
+        prescreen_keep=args.prescreen_keep,
+        selection={"rows": args.rows, "seconds": args.seconds, "time_scale": args.time_scale})
     tuner = Tuner(options)
     if host not in ("127.0.0.1", "localhost"):
         print(f"note: trial servers listen on {host}, reachable from other machines; each still requires "

@@ -106,6 +106,7 @@ class TuneOptions:
     attainment: float = 0.99  # fraction of requests that must meet the SLO for a rate to hold
     prescreen: str = "off"  # sim: the calibrated simulator screens proposals (tuner/study/prescreen.py)
     prescreen_keep: float = 0.25  # share of the simulator's predictions that may launch
+    selection: dict[str, Any] = field(default_factory=dict)  # how `requests` were sliced from `workload`
 
 
 def build_spaces(options: TuneOptions) -> dict[str, SearchSpace]:
@@ -257,6 +258,7 @@ class Tuner:
                            slo=str(o.slo) if o.slo else "", spaces={e: s.source for e, s in self.spaces.items()},
                            engine_versions=versions, offered_rate=self.offered_rate,
                            engine_args=list(o.engine_args),  # exports drop the machine-specific ones
+                           selection=dict(o.selection),
                            **({"gpu": o.gpu} if o.gpu else {}))
         recovered = session.recover_interrupted()
         if recovered:
