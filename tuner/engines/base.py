@@ -96,6 +96,11 @@ def key_file(key: str, flag: str = "api-key") -> Path:
     return path
 
 
+def key_file_args(launch: Launch) -> list[str]:
+    """`--config FILE` with the launch's API key in a key_file; none without a key."""
+    return ["--config", str(key_file(launch.api_key))] if launch.api_key else []
+
+
 def remove_key_file(key: str | None) -> None:
     if key:
         folder = Path(tempfile.gettempdir()) / f"servetune-keys-{os.getuid()}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tuner.engines.base import Engine, Launch, key_file, patterns
+from tuner.engines.base import Engine, Launch, key_file_args, patterns
 from tuner.engines.registry import register_engine
 from tuner.outcome import Outcome
 
@@ -60,4 +60,4 @@ class SglangEngine(Engine):
     def connection_args(self, launch: Launch) -> list[str]:
         args = super().connection_args(launch)
         # SGLang reads no key from the environment; `--config FILE` merges a YAML file's options (0600 here)
-        return args + (["--config", str(key_file(launch.api_key))] if launch.api_key else [])
+        return args + key_file_args(launch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from tuner.engines.base import Engine, Launch, key_file, patterns
+from tuner.engines.base import Engine, Launch, key_file_args, patterns
 from tuner.engines.registry import register_engine
 from tuner.outcome import Outcome
 
@@ -72,7 +72,7 @@ class VllmEngine(Engine):
         args = super().connection_args(launch)
         # The key goes in a 0600 `--config` file, not on argv (`ps`) and not in VLLM_API_KEY: vLLM 0.26 hashes
         # that variable into its compile-cache key, so a fresh key per server meant no server ever hit the cache.
-        return args + (["--config", str(key_file(launch.api_key))] if launch.api_key else [])
+        return args + key_file_args(launch)
 
     def fast_start_args(self, launch: Launch, flags: list[str]) -> list[str]:
         from tuner.engines.vllm_startup import capture_cap_args

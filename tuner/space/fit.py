@@ -57,30 +57,32 @@ def _drop_knob(space: SearchSpace, name: str, reason: str) -> list[str]:
     return notes
 
 
+def _drop_marked(space: SearchSpace, names: list[str], reason: str) -> list[str]:
+    """Drop the knobs `names` (and those that depend on them) for `reason`; the notes are kept in the space."""
+    notes: list[str] = []
+    for name in names:
+        if name in space.knobs:  # an earlier one's dependants may have taken it already
+            notes += _drop_knob(space, name, reason)
+    space.notes.extend(notes)
+    return notes
+
+
 def fit_to_model(space: SearchSpace, model: ModelShape | Mapping[str, Any] | str | Path) -> list[str]:
     """Remove the `moe_only` knobs when the model is dense; returns the reasons."""
     experts = num_experts(model)
     if experts is None or experts > 0:
         return []
-    notes: list[str] = []
-    for name in [n for n, k in space.knobs.items() if k.moe_only]:
-        if name in space.knobs:
-            notes += _drop_knob(space, name, "the model is dense (no experts); it applies to mixture-of-experts models")
-    space.notes.extend(notes)
-    return notes
+    return _drop_marked(space, [n for n, k in space.knobs.items() if k.moe_only],
+                        "the model is dense (no experts); it applies to mixture-of-experts models")
 
 
 def fit_to_weights(space: SearchSpace, dummy: bool) -> list[str]:
     """Remove the `needs_real_weights` knobs when the trials serve dummy weights; returns the reasons."""
     if not dummy:
         return []
-    notes: list[str] = []
-    for name in [n for n, k in space.knobs.items() if k.needs_real_weights]:
-        if name in space.knobs:
-            notes += _drop_knob(space, name, "the weights are dummy: what it gains depends on what a real model "
-                                             "writes (speculation's acceptance)")
-    space.notes.extend(notes)
-    return notes
+    return _drop_marked(space, [n for n, k in space.knobs.items() if k.needs_real_weights],
+                        "the weights are dummy: what it gains depends on what a real model writes "
+                        "(speculation's acceptance)")
 
 
 _CHECK = ("import importlib.util, json, sys\n"
