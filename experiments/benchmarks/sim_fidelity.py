@@ -18,8 +18,8 @@ be told apart from fp8 KV's speedup: every TRITON_ATTN trial ran fp8 KV, no othe
 
 Trials: every real-engine trial (vLLM, SGLang) of every study in every `experiments/**/optuna.db`, plus
 the hand-run H200 replays parsed by `experiments/h200-goodput/calibrate.py`. Each is replayed with its
-study's trace selection (`StudyRecord.selection`; `OLD_TIME_SCALES` for the H200 studies that predate
-it). A distinct configuration is (hardware, trace slice, knobs). Left out, with the reason printed:
+study's trace selection (`StudyRecord.selection`; calibrate.py's `TIME_SCALES` for the H200 studies that
+predate it). A distinct configuration is (hardware, trace slice, knobs). Left out, with the reason printed:
 speculative decoding on dummy weights (the stub model repeats itself, so drafts are accepted ~100 %).
 
 Reported per engine: Spearman rho of the distinct configurations, per metric, overall and per
@@ -32,15 +32,14 @@ simulator with the engine's message.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import sys
 import time
 from collections import defaultdict
-from functools import cache
 from multiprocessing import Pool
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import optuna
@@ -55,13 +54,9 @@ from tuner.simulator.constants import PerfConstants
 from tuner.simulator.observations import Observation, observations_from_study
 from tuner.simulator.offline import PREDICTED_METRICS
 from tuner.simulator.support import check_engine
-from tuner.workload.transform import load_workload
 
 # What a folder's studies do not record themselves (from its README.md)
 STORE_DEFAULTS = {"h100-vllm": {"gpu": "h100", "engine_versions": {"vllm": "0.26.0"}}}
-# `--time-scale` of studies from before StudyRecord.selection (experiments/h200-goodput/README.md, run.sh)
-OLD_TIME_SCALES = {"h200-goodput": 6.0, "h200-goodput-ts12": 12.0, "h200-goodput-r2": 12.0}
-HAND_RUN_TIME_SCALE = 12.0  # experiments/h200-goodput/calibrate.py: the fp8-mnbt2048 replays
 HIGHER_IS_BETTER = {"output_throughput": True, "ttft_p99": False, "tpot_p99": False}
 MAX_EVALS = {"h100": 60}  # per GPU; others: OTHER_GPU_EVALS from the H100-fitted defaults
 OTHER_GPU_EVALS = 30
@@ -72,12 +67,18 @@ OTHER_GPU_START = PerfConstants()
 OTHER_GPU_FITTED = ("linear_mfu", "gemm_ramp_tokens", "kv_bw_efficiency")
 
 
-@cache
-def _requests(workload: str, rows: int, time_scale: float) -> tuple:
-    return tuple(load_workload(ROOT / workload, rows=rows, time_scale=time_scale))
+def _load_h200() -> ModuleType:
+    """experiments/h200-goodput/calibrate.py: its studies' time scales, hand-run replays, cached traces."""
+    path = ROOT / "experiments" / "h200-goodput" / "calibrate.py"
+    spec = importlib.util.spec_from_file_location("h200_calibrate", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-predict = simulate_observation(lambda o: _requests(o.workload, o.rows, o.time_scale))
+H200 = _load_h200()
+predict = simulate_observation(lambda o: H200.requests_of(o.workload, o.rows, o.time_scale))
 
 
 def config_id(o: Observation) -> str:
@@ -107,8 +108,8 @@ def load() -> tuple[list[Observation], list[str]]:
         for summary in summaries:
             study = optuna.load_study(study_name=summary.study_name, storage=url)
             defaults = dict(STORE_DEFAULTS.get(folder, {}))
-            if summary.study_name in OLD_TIME_SCALES:
-                defaults["selection"] = {"time_scale": OLD_TIME_SCALES[summary.study_name]}
+            if summary.study_name in H200.TIME_SCALES:  # studies from before StudyRecord.selection
+                defaults["selection"] = {"time_scale": H200.TIME_SCALES[summary.study_name]}
             dummy = Path(str(study.user_attrs.get("model", ""))).parent.name == "stub-models"
             for o in observations_from_study(study, defaults):
                 if dummy and speculative(o.config) and o.measured:
@@ -116,18 +117,8 @@ def load() -> tuple[list[Observation], list[str]]:
                                     "dummy weights; drafts of a model that repeats itself are accepted ~100 %")
                     continue
                 observations.append(o)
-    observations += hand_runs()
+    observations += H200.hand_runs()
     return observations, left_out
-
-
-def hand_runs() -> list[Observation]:
-    path = ROOT / "experiments" / "h200-goodput" / "calibrate.py"
-    spec = importlib.util.spec_from_file_location("h200_calibrate", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return [dataclasses.replace(o, workload=str(Path(o.workload).relative_to(ROOT)), time_scale=HAND_RUN_TIME_SCALE)
-            for o in module.hand_runs()]
 
 
 def distinct(observations: list[Observation]) -> dict[str, list[Observation]]:
