@@ -14,6 +14,7 @@ import pytest
 from tuner.cli import main
 from tuner.export.command import load_study
 from tuner.records.pareto import completed_points
+from tuner.runner.forkserver import MARKER
 
 VLLM_PYTHON = os.environ.get("SERVETUNE_VLLM_PYTHON")
 pytestmark = [pytest.mark.vllm_cpu, pytest.mark.slow, pytest.mark.serial,
@@ -57,7 +58,12 @@ def test_tune_real_vllm_on_cpu(tmp_path, capsys, monkeypatch):
     phases = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("**/startup_phases.json")]
     assert len(phases) == 3 and all({"import", "kv_profile", "api_up", "ready"} <= set(p) for p in phases)
     assert not any("torch_compile" in p or "cuda_graphs" in p for p in phases)
-    assert all(0 < p["import"] < p["ready"] for p in phases)
+    assert all(0 <= p["import"] < p["ready"] for p in phases)
     # the servers' API key reached vLLM through a private --config file and left no trace in their logs
     logs = list((tmp_path / "runs" / "cpu").glob("trial-*/server.log"))
     assert len(logs) == 3 and all(re.search(r"'api_key': \[?'\*\*\*'", log.read_text()) for log in logs)
+    # every server was forked from the one fork server that imported vLLM, and its record says so
+    assert all(log.read_text().startswith(MARKER) for log in logs)
+    assert len({log.read_text().splitlines()[0] for log in logs}) == 1
+    assert all(study.trials[p.number].user_attrs["forked"] is True for p in points.values())
+    assert "preloaded 7 of 7 modules" in (tmp_path / "runs" / "cpu" / "fork-server-vllm.log").read_text()

@@ -3,7 +3,8 @@
   one LOG LAUNCHED_AT READY_S   start-up phases of one vLLM server log, as JSON
   runnable EXPORTED             the exported shell line as the argv that runs here, one word a line
   defaults ENGINE MAXLEN SIMSCALE  the defaults trial's command (same model and context, no tuned flag), one word a line
-  table WORKDIR                 markdown: phases of every server (study trials and hand-started), hold-out goodput
+  table WORKDIR                 markdown: phases of every server (study trials and hand-started; forked or cold),
+                                hold-out goodput
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from tuner.engines import get_engine
 from tuner.engines.base import Launch
 from tuner.models.stub import stub_model_dir
+from tuner.runner.forkserver import MARKER
 from tuner.space.knobs import load_space
 
 PHASES = ["import", "model_load", "torch_compile", "kv_profile", "cuda_graphs", "api_up", "other", "ready"]
@@ -60,23 +62,34 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
+def _start(log: Path) -> str:
+    """How the server started: forked from the tuner's fork server, or as a new process."""
+    try:
+        with open(log, errors="replace") as handle:
+            return "forked" if handle.readline().startswith(MARKER) else "cold"
+    except OSError:
+        return "?"
+
+
 def table(work: Path) -> str:
     rows = []
     for path in sorted(work.glob("runs/**/startup_phases.json")):
-        rows.append((path.parent.name, json.loads(path.read_text())))
+        rows.append((path.parent.name, _start(path.with_name("server.log")), json.loads(path.read_text())))
     for path in sorted(work.glob("*.phases.json")):
-        rows.append((f"by hand: {path.name.split('.')[0]}", json.loads(path.read_text())))
-    out = ["| server | " + " | ".join(PHASES) + " |", "|---" * (len(PHASES) + 1) + "|"]
-    for name, phases in rows:
-        out.append(f"| {name} | " + " | ".join(_cell(phases.get(p)) for p in PHASES) + " |")
-    ready = [phases["ready"] for _, phases in rows if "ready" in phases]
-    if ready:
-        out.append(f"\nready: median {statistics.median(ready):.1f} s over {len(ready)} servers "
-                   f"(min {min(ready):.1f}, max {max(ready):.1f})")
+        name = path.name.split(".")[0]
+        rows.append((f"by hand: {name}", _start(work / f"{name}.server.log"), json.loads(path.read_text())))
+    out = ["| server | start | " + " | ".join(PHASES) + " |", "|---" * (len(PHASES) + 2) + "|"]
+    for name, start, phases in rows:
+        out.append(f"| {name} | {start} | " + " | ".join(_cell(phases.get(p)) for p in PHASES) + " |")
+    for start in ("forked", "cold"):
+        ready = [phases["ready"] for _, how, phases in rows if "ready" in phases and how == start]
+        if ready:
+            out.append(f"\nready, {start}: median {statistics.median(ready):.1f} s over {len(ready)} servers "
+                       f"(min {min(ready):.1f}, max {max(ready):.1f})")
     out.append("\n| hold-out | repeats | goodput req/s (each) | mean | output tok/s mean | TTFT p99 ms | TPOT p99 ms |")
     out.append("|---|---|---|---|---|---|---|")
-    for which in ("tuned", "defaults", "fp8"):
-        runs = [json.loads(p.read_text()) for p in sorted(work.glob(f"bench/{which}-*/summary.json"))]
+    for which in ("tuned", "defaults", "fp8", "tuned-train"):
+        runs = [json.loads(p.read_text()) for p in sorted(work.glob(f"bench/{which}-[0-9]*/summary.json"))]
         if not runs:
             continue
         good = [r.get("goodput") or 0.0 for r in runs]

@@ -20,7 +20,7 @@ TRIALS=${TRIALS:-7}
 BUDGET=${BUDGET:-6m}  # the search; the finalist's and the defaults' 3 repeats come after it
 SLO=${SLO:-ttft_p99=1s,tpot_p99=50ms}  # interactive chat (round 1 of this run used 2 s / 100 ms: see README)
 PRESCREEN=${PRESCREEN:-sim}  # the simulator, calibrated on this H200's earlier runs, screens proposals
-STUDY=${STUDY:-h200-goodput-r2}
+STUDY=${STUDY:-h200-goodput-r3}
 TRAIN=workloads/azure_conv_rows0-399.jsonl
 HOLDOUT=${HOLDOUT:-workloads/azure_conv_rows17000-17349.jsonl}
 MAXLEN=6144  # both slices fit (longest request 4,176 and 5,346 tokens)
@@ -133,6 +133,15 @@ holdout() {
       > "$W/bench-$which-$k.txt" 2>&1
     grep -E "^(Failed requests|Request goodput|Output token throughput|P99 TTFT|P99 TPOT)" "$W/bench-$which-$k.txt" |
       tr -s ' ' | paste -sd ';' | sed "s/^/$which $k: /"
+  done
+  # the tuned flags on a cold process (this one) replay the study's own slice too: against the study's
+  # re-measurements of the same flags on forked servers, fast start against cold (fast_vs_cold.py)
+  for k in $([ "$which" = tuned ] && seq "${TRAIN_REPEATS:-2}"); do
+    python3 -m tuner bench --url "http://127.0.0.1:$port" --workload "$TRAIN" --time-scale "$TS" \
+      --slo "$SLO" --vocab-size "$VOCAB" --warmup 2 --seed "$k" "${clock[@]}" --out "$W/bench/tuned-train-$k" \
+      > "$W/bench-tuned-train-$k.txt" 2>&1
+    grep -E "^(Request goodput|Output token throughput)" "$W/bench-tuned-train-$k.txt" | tr -s ' ' | paste -sd ';' |
+      sed "s/^/tuned on the study slice $k: /"
   done
   stop_server "$which"
 }

@@ -56,6 +56,7 @@ class ServerSpec:
     clock_scale: float = 1.0
     metrics_prefix: str = ""
     vocab_size: int = 32000
+    preload: tuple[str, ...] = ()  # modules a fork server may import once for every server (see Engine)
 
 
 def cache_root() -> Path:
@@ -142,6 +143,9 @@ class Engine(ABC):
     port: ClassVar[int] = 8000  # the port it listens on by default, and in its container
     model_flag: ClassVar[str] = ""  # the flag before the model in `serve_command` (empty: positional)
     space_file: ClassVar[str] = ""  # its search space when not tuner/search_spaces/<name>.yaml
+    # modules a fork server (tuner/runner/forkserver.py) imports once, so servers started as
+    # `python -m module ...` are forked from it and skip that import; empty: every server starts cold
+    preload_modules: ClassVar[tuple[str, ...]] = ()
 
     name: str = ""
     package: str = ""  # the Python package the engine ships as, asked for its version
@@ -228,7 +232,8 @@ class Engine(ABC):
         return ServerSpec(argv=argv, env=self.environment(launch), url=f"http://{launch.host}:{launch.port}",
                           served_model_name=launch.served_model_name, api_key=launch.api_key,
                           clock_scale=self.clock_scale(launch),
-                          metrics_prefix=self.metrics_prefix, vocab_size=vocab_size)
+                          metrics_prefix=self.metrics_prefix, vocab_size=vocab_size,
+                          preload=self.preload_modules)
 
     def serve_command(self, launch: Launch, space: SearchSpace) -> list[str]:
         """The command a person pastes: no tuner-internal port or key, the engine's own defaults."""

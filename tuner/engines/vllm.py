@@ -16,6 +16,11 @@ class VllmEngine(Engine):
     auto: ClassVar[bool] = True
     image: ClassVar[str] = "vllm/vllm-openai"  # its entrypoint is the OpenAI API server: args are `vllm serve`'s flags
     port: ClassVar[int] = 8000
+    # the API server's imports and its engine core's (forked from it on a GPU): all before CUDA starts
+    preload_modules: ClassVar[tuple[str, ...]] = (
+        "vllm.entrypoints.cli.main", "vllm.entrypoints.openai.api_server", "vllm.v1.engine.core",
+        "vllm.v1.executor.multiproc_executor", "vllm.v1.worker.gpu_worker", "vllm.v1.worker.gpu_model_runner",
+        "vllm.compilation.backends")
     name: str = "vllm"
     package: str = "vllm"
     metrics_prefix: str = "vllm:"

@@ -43,6 +43,7 @@ class TrialRecord:
     wall_s: float | None = None
     ready_s: float | None = None
     startup_phases: dict[str, float] = field(default_factory=dict)
+    forked: bool = False  # its server was forked from a fork server with the engine preloaded
     teardown: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     engine_metrics: dict[str, Any] = field(default_factory=dict)

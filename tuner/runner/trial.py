@@ -20,7 +20,7 @@ from tuner.loadgen.replay import BenchConfig, ReplayWatcher, chain, run_bench_sy
 from tuner.loadgen.slo import SLO
 from tuner.outcome import Outcome, missing_module
 from tuner.runner.progress import PROGRESS_FILE, ProgressWriter
-from tuner.runner.server import ManagedServer, ServerFailed, free_port
+from tuner.runner.server import ForkServer, ManagedServer, ServerFailed, free_port
 from tuner.space.knobs import SearchSpace
 from tuner.workload.request import TraceRequest
 
@@ -50,6 +50,7 @@ class TrialSpec:
     # instead of one replay, measure(bench_config, requests, hang_watch) on the live server (capacity search)
     measure: Callable | None = None
     label: str = ""  # tells apart runs of one trial number (finalist repeats, capacity search)
+    fork_server: ForkServer | None = None  # fork the server from it when it preloads the engine (same machine)
 
     @property
     def run_name(self) -> str:
@@ -79,6 +80,7 @@ class TrialOutcome:
     watchers: list[ReplayWatcher] = field(default_factory=list)
     measured: Any = None  # what TrialSpec.measure returned
     startup_phases: dict[str, float] = field(default_factory=dict)  # seconds per start-up phase (server log)
+    forked: bool = False  # the server was forked from a fork server that had preloaded the engine
 
 
 def _scrape(url: str, api_key: str | None) -> str:
@@ -145,7 +147,8 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     outcome = TrialOutcome(number=spec.number, ok=False, command=engine.serve_command(launch, spec.space),
                            started_at=time.time(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     trial_dir = spec.out_dir / spec.run_name
-    server = ManagedServer(server_spec, trial_dir / "server.log")
+    server = ManagedServer(server_spec, trial_dir / "server.log", fork_server=spec.fork_server,
+                           fork_wait_s=spec.startup_timeout_s / 2)
     outcome.log_path = str(server.log_path)
     hang = _HangWatch(spec.hang_timeout_s / server_spec.clock_scale)
     visible = [int(i) for i in outcome.cuda_visible_devices.split(",") if i.strip().isdigit()]
@@ -154,6 +157,7 @@ def execute_trial(spec: TrialSpec) -> TrialOutcome:
     try:
         progress.starting()
         server.start()
+        outcome.forked = server.forked
         outcome.ready_s = server.wait_ready(spec.startup_timeout_s)
         outcome.startup_phases = engine.startup_phases(server.log_text(), server.started_at, outcome.ready_s)
         if outcome.startup_phases:

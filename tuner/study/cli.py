@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--max-model-len", type=int, default=None,
                    help="context length given to every server (default: the workload's longest request)")
     m.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to be ready")
+    m.add_argument("--cold-start", action="store_true",
+                   help="start every server as a new process (default: fork engines that support it from one "
+                        "process that imported the engine once, on tune's machine)")
     m.add_argument("--sim-time-scale", type=float, default=10.0, help="simulator clock speed-up")
     m.add_argument("--host", default="127.0.0.1",
                    help="address trial servers bind (default 127.0.0.1: not reachable from other machines)")
@@ -312,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
                                                               f"sqlite:///{(out / 'mlflow.db').resolve()}"),
         ray_address=args.ray_address, host=host, space_path=args.space, fix=args.fix, exclude=args.exclude,
         endpoint=args.endpoint, concurrency=args.concurrency, max_concurrency=args.max_concurrency,
-        sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout,
+        sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout, cold_start=args.cold_start,
         engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet,
         dummy_weights=bool(args.model_shape) and not simulated,

@@ -29,6 +29,7 @@ from tuner.records.reliability import unreliable_reasons
 from tuner.records.storage import cluster_notes, open_store
 from tuner.runner.campaign import Campaign, TrialSpan, gantt_png, with_earlier_trials
 from tuner.runner.progress import LiveLines, eta_s
+from tuner.runner.server import ForkServer, RunningForkServer, start_fork_server
 from tuner.runner.trial import TrialOutcome, TrialSpec
 from tuner.space.constraints import Context, gpus_needed, violations
 from tuner.space.fit import drop_for_study, fit_to_model, fit_to_weights, preflight, unavailable_in
@@ -98,6 +99,7 @@ class TuneOptions:
     dummy_weights: bool = False
     quiet: bool = False
     prune: bool = True  # with an SLO: stop a trial as soon as its SLO is certainly lost
+    cold_start: bool = False  # never fork servers from a fork server that preloaded the engine
     halving: bool = False  # successive halving over trace length; stop trials that cannot beat the best
     eta: float = 2.0
     finalists: int = 0  # best configurations measured again after the search
@@ -188,6 +190,7 @@ class Tuner:
         if self.objectives.needs_slo and options.slo is None:
             raise InputError(f"objective {self.objectives.primary} needs an SLO: give --slo", field="objective")
         self.live_lines, self.slots = LiveLines(), 1  # running trials' lines; most trials seen running at once
+        self.fork_servers: dict[str, ForkServer] = {}  # engine: where its fork server listens (see run)
         self.spaces = build_spaces(options)
         self.engine_versions: dict[str, str] = {}
         for engine, space in self.spaces.items():
@@ -314,6 +317,20 @@ class Tuner:
         self.say(f"[{done}/{total or '?'}] trial {number}: {outcome_text} | {best_text}{eta}")
 
     # --- trials ------------------------------------------------------------------------------
+    def _start_fork_servers(self) -> list[RunningForkServer]:
+        """One fork server per engine that preloads (servers on this machine are forked from it); none with
+        --cold-start. Its log is the run folder's fork-server-<engine>.log."""
+        running = []
+        for engine in self.options.engines:
+            adapter = get_engine(engine)
+            if self.options.cold_start or adapter.simulated or not adapter.preload_modules:
+                continue
+            fork = start_fork_server(self.options.engine_python, adapter.preload_modules,
+                                     self.run_dir / f"fork-server-{engine}.log")
+            self.fork_servers[engine] = fork.address
+            running.append(fork)
+        return running
+
     def _trial_spec(self, number: int, engine: str, config: dict[str, Any], baseline: bool,
                     watch: bool = False) -> TrialSpec:
         """`watch`: give the trial the watchers that may stop it early (never the defaults baseline)."""
@@ -327,7 +344,8 @@ class Tuner:
                          requests=o.requests, out_dir=self.run_dir.resolve(), endpoint=o.endpoint,
                          concurrency=o.concurrency, max_concurrency=o.max_concurrency,
                          warmup_requests=o.warmup_requests, vocab_size=o.vocab_size, slo=o.slo,
-                         startup_timeout_s=o.startup_timeout_s)
+                         startup_timeout_s=o.startup_timeout_s,
+                         fork_server=self.fork_servers.get(engine))
         if watch and not baseline:
             spec.watchers = self._watchers(spec)
         return spec
@@ -365,7 +383,8 @@ class Tuner:
                      ready_s=round(outcome.ready_s, 2),
                      teardown={"port_released": outcome.port_released,
                                "gpu_memory_released": outcome.gpu_memory_released},
-                     startup_phases=getattr(outcome, "startup_phases", None) or {})
+                     startup_phases=getattr(outcome, "startup_phases", None) or {},
+                     forked=outcome.forked)
         watch = next((w for w in outcome.watchers if isinstance(w, RungWatch)), None)
         if watch is not None:
             for rung, score in enumerate(watch.scores):
@@ -489,6 +508,7 @@ class Tuner:
             for note in cluster_notes(o.storage, o.mlflow_uri):
                 self.say(f"note: {note}")
         init_ray(o.ray_address, o.gpus)
+        running_forks = self._start_fork_servers()
         pool = TrialPool(o.gpus, shared_cluster=bool(o.ray_address), name_prefix=f"servetune:{o.study_name}")
         if pool.total_gpus < 1:
             raise InputError(f"the Ray cluster at {o.ray_address} has no GPU", field="ray-address")
@@ -519,6 +539,8 @@ class Tuner:
             Finals(o, self.objectives, self._session, self._trial_spec, self.offered_rate, self.say).run(pool)
         finally:
             pool.close()
+            for fork in running_forks:
+                fork.close()
             screened = self.prescreen.screened if self.prescreen is not None else 0
             never = scheduler.rejected - self.avoided - self.excluded_hits - screened
             if never:
