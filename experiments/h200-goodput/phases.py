@@ -88,7 +88,7 @@ def table(work: Path) -> str:
                        f"(min {min(ready):.1f}, max {max(ready):.1f})")
     out.append("\n| hold-out | repeats | goodput req/s (each) | mean | output tok/s mean | TTFT p99 ms | TPOT p99 ms |")
     out.append("|---|---|---|---|---|---|---|")
-    for which in ("tuned", "defaults", "fp8", "tuned-train"):
+    for which in ("tuned", "defaults", "fp8", "tuned-train", "defaults-train"):
         runs = [json.loads(p.read_text()) for p in sorted(work.glob(f"bench/{which}-[0-9]*/summary.json"))]
         if not runs:
             continue

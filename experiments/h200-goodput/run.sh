@@ -42,7 +42,9 @@ study() {
   [ -f "$W/tune.pid" ] && kill -0 "$(cat "$W/tune.pid")" 2>/dev/null && { echo "study already running"; return 0; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$W/gpu.txt" 2>&1
   # the calibration an earlier study on this hardware would have left in the cache (calibrate.py)
-  mkdir -p "$HOME/.cache/servetune/calibration" && cp "$here"/calibration-*.json "$HOME/.cache/servetune/calibration/"
+  # (named <key>.json there; round 3 copied it as calibration-<key>.json, which no study ever found)
+  mkdir -p "$HOME/.cache/servetune/calibration"
+  for f in "$here"/calibration-*.json; do cp "$f" "$HOME/.cache/servetune/calibration/$(basename "${f#*/calibration-}")"; done
   python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" > "$W/versions.txt" 2>&1
   setsid nohup python3 -m tuner run --workload "$TRAIN" --time-scale "$TS" --max-model-len "$MAXLEN" \
     "${ENGINE_FLAGS[@]}" --slo "$SLO" --trials "$TRIALS" --budget "$BUDGET" --finalists 1 --repeats 3 \
@@ -134,14 +136,14 @@ holdout() {
     grep -E "^(Failed requests|Request goodput|Output token throughput|P99 TTFT|P99 TPOT)" "$W/bench-$which-$k.txt" |
       tr -s ' ' | paste -sd ';' | sed "s/^/$which $k: /"
   done
-  # the tuned flags on a cold process (this one) replay the study's own slice too: against the study's
-  # re-measurements of the same flags on forked servers, fast start against cold (fast_vs_cold.py)
-  for k in $([ "$which" = tuned ] && seq "${TRAIN_REPEATS:-2}"); do
+  # TRAIN_REPEATS=N: this cold process also replays the study's own slice: against the study's re-measurements
+  # of the same flags on forked servers, fast start against cold (fast_vs_cold.py)
+  for k in $(seq "${TRAIN_REPEATS:-0}"); do
     python3 -m tuner bench --url "http://127.0.0.1:$port" --workload "$TRAIN" --time-scale "$TS" \
-      --slo "$SLO" --vocab-size "$VOCAB" --warmup 2 --seed "$k" "${clock[@]}" --out "$W/bench/tuned-train-$k" \
-      > "$W/bench-tuned-train-$k.txt" 2>&1
-    grep -E "^(Request goodput|Output token throughput)" "$W/bench-tuned-train-$k.txt" | tr -s ' ' | paste -sd ';' |
-      sed "s/^/tuned on the study slice $k: /"
+      --slo "$SLO" --vocab-size "$VOCAB" --warmup 2 --seed "$k" "${clock[@]}" --out "$W/bench/$which-train-$k" \
+      > "$W/bench-$which-train-$k.txt" 2>&1
+    grep -E "^(Request goodput|Output token throughput)" "$W/bench-$which-train-$k.txt" | tr -s ' ' | paste -sd ';' |
+      sed "s/^/$which on the study slice $k: /"
   done
   stop_server "$which"
 }

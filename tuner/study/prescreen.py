@@ -5,9 +5,10 @@ the study's GPU and model shape, the engine's scheduler) with constants fitted t
 real results (`tuner.simulator.calibration`), refitted whenever a new real result came in and
 started from the per-hardware cache of earlier studies. A proposal launches only when its predicted
 score (goodput per GPU with an SLO, else output throughput) ranks in the best `keep` share of
-everything predicted so far in the study. Until the fit has data (`warmup` real results, or only the
-defaults when earlier studies on this hardware left a calibration in the cache) proposals launch
-regardless. A screened-out proposal is told to Optuna as PRUNED with user attrs `prescreened` (why)
+everything predicted so far in the study, the defaults' prediction included. Screening starts at once
+when earlier studies on this hardware left a calibration in the cache (proposals made while the
+defaults still run are screened too); without one, proposals launch regardless until `warmup` real
+results exist to fit on. A screened-out proposal is told to Optuna as PRUNED with user attrs `prescreened` (why)
 and `predicted` (the simulator's metrics), so the sampler learns from it without a GPU; every
 launched trial carries `predicted` too, next to what it measured.
 """
@@ -95,8 +96,8 @@ class Prescreen:
         return predicted["output_throughput"]
 
     def warmed_up(self, study: optuna.Study, engine: str) -> bool:
-        """Enough real results for the fit: `warmup` of them, or one when a cached calibration exists."""
-        needed = 1 if self._cached.get(self._key(engine)) else self.warmup
+        """Constants worth screening with: a cached calibration of this hardware, or `warmup` real results."""
+        needed = 0 if self._cached.get(self._key(engine)) else self.warmup
         return len(self.observations(study)) >= needed
 
     def screen(self, study: optuna.Study, trial: optuna.Trial, engine: str, config: dict[str, Any],

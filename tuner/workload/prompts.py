@@ -2,7 +2,9 @@
 
 Each prefix-block id maps deterministically (given the seed) to the same block of token ids, so a
 replay of a Mooncake trace reuses exactly the prefixes the trace reuses. Tokens past the listed
-blocks are unique to the request.
+blocks are unique to the request: drawn from its position, arrival and lengths, so two different
+traces replayed with the same seed on one server share no prompt (a hold-out slice replayed after
+the study's slice found it in vLLM's prefix cache when only the position counted: H200 round 3).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def token_ids_for(request: TraceRequest, index: int, vocab_size: int, seed: int 
         remaining -= len(block)
     if remaining > 0:
         low, high = _token_range(vocab_size)
-        rng = np.random.default_rng([seed, 2, index])
+        identity = [index, round(abs(request.arrival_s) * 1e6), request.input_tokens, request.output_tokens]
+        rng = np.random.default_rng([seed, 2, *identity])
         parts.append(rng.integers(low, high, size=remaining, dtype=np.int64))
     return np.concatenate(parts).tolist() if parts else []
 
