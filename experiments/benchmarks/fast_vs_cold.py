@@ -7,7 +7,11 @@ run's output throughput, the repeats' mean with a 95 % CI, their ratio, and each
 seconds (from `phases.md` or the run folder's `startup_phases.json`): a repeat that took as long as the
 cold start did not hit the cache, and then the comparison is cold against cold.
 
-    python experiments/benchmarks/fast_vs_cold.py STORE STUDY [RUN_DIR_OR_PHASES_MD]
+Since round 3 every server of a study is forked from the fork server, so the study alone compares a cold
+compile with a cached one. `--cold-process TRIAL SUMMARY.json ...` adds the other side: runs of the same
+flags on the same slice from a server started as a new process by hand (run.sh's TRAIN_REPEATS).
+
+    python experiments/benchmarks/fast_vs_cold.py STORE STUDY [RUN_DIR_OR_PHASES_MD] [--cold-process TRIAL SUMMARY...]
 """
 
 from __future__ import annotations
@@ -31,15 +35,38 @@ def compile_seconds(source: Path | None) -> dict[str, float]:
     if source.is_dir():
         return {p.parent.name: json.loads(p.read_text()).get("torch_compile", 0.0)
                 for p in source.glob("*/startup_phases.json")}
-    out = {}
-    for line in source.read_text().splitlines():  # | server | import | model_load | torch_compile | ...
+    out, column = {}, 3
+    for line in source.read_text().splitlines():  # | server | [start |] import | model_load | torch_compile | ...
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) > 3 and re.fullmatch(r"trial-\d+(-repeat-\d+)?", cells[0]):
-            out[cells[0]] = float(cells[3]) if cells[3] else 0.0
+        if "torch_compile" in cells:
+            column = cells.index("torch_compile")
+        elif len(cells) > column and re.fullmatch(r"trial-\d+(-repeat-\d+)?", cells[0]):
+            out[cells[0]] = float(cells[column]) if cells[column] else 0.0
     return out
 
 
+def cold_process_table(study: optuna.Study, number: int, summaries: list[Path]) -> None:
+    """Forked re-measurements of a finalist against runs of its flags on a server started as a new process."""
+    estimate = StudyRecord.of(study).finals[str(number)]["remeasured"]["estimates"]
+    cold = [json.loads(path.read_text()) for path in summaries]
+    print(f"\n| trial {number} | runs | output tok/s (each) | mean | goodput req/s (each) | mean |")
+    print("|---|---|---|---|---|---|")
+    sides = (("forked, compile cached", [estimate[m]["values"] for m in ("output_throughput", "goodput")]),
+             ("new process (by hand)", [[c[m] for c in cold] for m in ("output_throughput", "goodput")]))
+    for label, (tok, good) in sides:
+        print(f"| {label} | {len(tok)} | {', '.join(f'{v:,.0f}' for v in tok)} | {sum(tok) / len(tok):,.0f} | "
+              f"{', '.join(f'{v:.2f}' for v in good)} | {sum(good) / len(good):.2f} |")
+    forked, by_hand = estimate["output_throughput"]["values"], [c["output_throughput"] for c in cold]
+    ratio = (sum(forked) / len(forked)) / (sum(by_hand) / len(by_hand))
+    verdict = "within" if abs(ratio - 1) <= 0.02 else "outside"
+    print(f"\nforked / new process, output tok/s: {ratio:.3f} ({verdict} 2 %)")
+
+
 def main(argv: list[str]) -> int:
+    cold_process: list[str] = []
+    if "--cold-process" in argv:
+        at = argv.index("--cold-process")
+        argv, cold_process = argv[:at], argv[at + 1:]
     store, name = argv[0], argv[1]
     phases = compile_seconds(Path(argv[2]) if len(argv) > 2 else None)
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{store}" if "://" not in store else store)
@@ -59,6 +86,8 @@ def main(argv: list[str]) -> int:
         seconds = f"{phases.get(label, '-')}; " + ", ".join("-" if s is None else f"{s:.1f}" for s in repeats)
         print(f"| {number} | {cold:,.0f} | {mean:,.0f} ± {half:,.0f} | {mean / cold:.3f} | "
               f"{'yes' if abs(mean / cold - 1) <= 0.02 else 'no'} | {seconds} |")
+    if cold_process:
+        cold_process_table(study, int(cold_process[0]), [Path(p) for p in cold_process[1:]])
     return 0
 
 
