@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from tuner.simulator.config import SimConfig
 from tuner.simulator.constants import PerfConstants
 from tuner.simulator.offline import replay
+from tuner.space.constraints import violations
 from tuner.study.prescreen import Prescreen
 from tuner.workload.request import TraceRequest
 
@@ -133,3 +134,48 @@ def test_with_an_slo_the_score_is_predicted_goodput_per_gpu():
     assert 0 <= predicted["goodput"] <= len(TRACE)
     assert "goodput" not in replay(SimConfig(constants=TRUE, max_model_len=8192, engine_version="0.26.0"),
                                    TRACE).metrics()
+
+
+def test_with_a_cached_calibration_the_simulator_s_best_guesses_launch_first(tmp_path, monkeypatch):
+    """Round 3 on the H200 spent its 6 minutes on the sampler's random start; the simulator's best guesses
+    (above the defaults, distinct, best first) now queue right after the defaults and are never screened."""
+    from tuner.hardware.gpus import get_gpu
+    from tuner.loadgen.slo import parse_slo
+    from tuner.models.shapes import PRESETS
+    from tuner.space.constraints import Context
+    from tuner.space.knobs import load_space
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    spaces = {"vllm": load_space("vllm")}
+    context = Context(gpus=1, gpu=get_gpu("h100"), model=PRESETS["llama-3.1-8b"], max_model_len=8192)
+
+    def prescreen() -> Prescreen:
+        return Prescreen(gpu="h100", shape="llama-3.1-8b", engine_versions={"vllm": "0.26.0"}, requests=TRACE,
+                         max_model_len=8192, slo=parse_slo("ttft_p99=2s,tpot_p99=60ms"), keep=0.01, fit_evals=2,
+                         say=lambda line: None)
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    assert prescreen().best_guesses(study, spaces, context, samples=4, seed=1) == []  # nothing cached: no guess
+    _one_real_result(study, {"max_num_seqs": 8, "max_num_batched_tokens": 2048})
+    prescreen().constants(study, "vllm")  # fits and caches this hardware's calibration
+
+    fresh = optuna.create_study(directions=["maximize"])
+    guessing = prescreen()
+    guesses = guessing.best_guesses(fresh, spaces, context, count=2, samples=16, seed=1)
+    assert 1 <= len(guesses) <= 2 and len({tuple(sorted(p.items())) for p, _ in guesses}) == len(guesses)
+    defaults = spaces["vllm"].defaults()
+    bar = guessing.score(guessing.predict(fresh, "vllm", defaults), defaults)
+    scores = []
+    for params, why in guesses:
+        assert "the simulator's best guess" in why
+        config = {**defaults, **params}
+        assert not violations(config, context)
+        scores.append(guessing.score(guessing.predict(fresh, "vllm", config), config))
+    assert all(score > bar for score in scores) and scores == sorted(scores, reverse=True)
+    # queued with `seeded`, a guess launches even when the cut would keep it off the GPU
+    guessing.scores = [1e9, 1e9]
+    fresh.enqueue_trial(guesses[-1][0], user_attrs={"seeded": guesses[-1][1]})
+    trial = fresh.ask()
+    assert guessing.screen(fresh, trial, "vllm", {**defaults, **trial.params})
+    plain = fresh.ask()
+    assert not guessing.screen(fresh, plain, "vllm", {**defaults, **guesses[-1][0]})

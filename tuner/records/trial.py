@@ -51,6 +51,7 @@ class TrialRecord:
     unreliable: list[str] = field(default_factory=list)  # why the measurement cannot be trusted
     predicted: dict[str, Any] = field(default_factory=dict)  # what a simulator predicted before it ran
     prescreened: str = ""  # why the calibrated simulator kept it off the GPUs (never launched)
+    seeded: str = ""  # queued by the calibrated simulator as one of its best guesses (tuner.study.prescreen)
     # ended early or failed
     rung_scores: list[list[Any]] = field(default_factory=list)
     stopped: dict[str, Any] = field(default_factory=dict)  # kind, reason, finished, elapsed_s, bound...

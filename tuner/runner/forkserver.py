@@ -104,6 +104,17 @@ def _reap(children: dict[int, str]) -> None:
 _preloaded: list[str] = []
 
 
+def _threads() -> str:
+    """The threads the imports left running: Python's by name, and the OS count (native ones included)."""
+    named = [thread.name for thread in threading.enumerate() if thread is not threading.current_thread()]
+    try:
+        with open("/proc/self/status") as handle:
+            count = next(line.split()[1] for line in handle if line.startswith("Threads:"))
+    except (OSError, StopIteration):
+        count = "?"
+    return f"{count} OS thread(s)" + (f", Python threads besides the main one: {', '.join(named)}" if named else "")
+
+
 def serve(folder: str, modules: list[str]) -> None:
     with open(os.path.join(folder, "pid"), "w") as handle:
         handle.write(f"{os.getpid()}\n")
@@ -118,8 +129,8 @@ def serve(folder: str, modules: list[str]) -> None:
     if torch is not None and torch.cuda.is_initialized():
         print("preloading initialised CUDA, so forked servers could not use it: not serving", flush=True)
         sys.exit(3)
-    print(f"preloaded {len(_preloaded)} of {len(modules)} modules in {time.monotonic() - started:.1f} s",
-          flush=True)
+    print(f"preloaded {len(_preloaded)} of {len(modules)} modules in {time.monotonic() - started:.1f} s; "
+          f"{_threads()} (a forked child has only the forking one)", flush=True)
     path = os.path.join(folder, "socket")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".tmp")

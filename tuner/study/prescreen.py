@@ -15,6 +15,8 @@ launched trial carries `predicted` too, next to what it measured.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,10 @@ from tuner.simulator.config import EngineStartupError
 from tuner.simulator.constants import PerfConstants
 from tuner.simulator.observations import Observation, calibration_key, observations_from_study
 from tuner.simulator.offline import replay
-from tuner.space.constraints import gpus_needed
+from tuner.space.constraints import Context, gpus_needed, violations
+from tuner.space.fit import unavailable_in
+from tuner.space.knobs import SearchSpace
+from tuner.study.sampling import suggest_config
 from tuner.workload.request import TraceRequest
 
 PRESCREEN_MODES = ("off", "sim")
@@ -81,11 +86,14 @@ class Prescreen:
 
     def predict(self, study: optuna.Study, engine: str, config: dict[str, Any]) -> dict[str, float] | str:
         """The simulator's metrics for `config`, or the engine's start-up error message."""
+        return self._predict(self.constants(study, engine), engine, config)
+
+    def _predict(self, constants: PerfConstants, engine: str, config: dict[str, Any]) -> dict[str, float] | str:
         observation = Observation(label="proposal", engine=_simulated(engine), version=self._version(engine),
                                   gpu=self.gpu, model_shape=self.shape, config=config, workload="", rows=0,
                                   max_model_len=self.max_model_len)
         try:
-            return replay(observation.sim_config(self.constants(study, engine)), self.requests, self.slo).metrics()
+            return replay(observation.sim_config(constants), self.requests, self.slo).metrics()
         except EngineStartupError as exc:
             return str(exc)
 
@@ -103,26 +111,25 @@ class Prescreen:
     def screen(self, study: optuna.Study, trial: optuna.Trial, engine: str, config: dict[str, Any],
                baseline: bool = False) -> bool:
         """True: launch. False: told to Optuna as PRUNED, with `prescreened` and `predicted` user attrs.
-        The defaults baseline always launches; it gets its prediction too."""
+        The defaults baseline and the simulator's own best guesses (`seeded`) always launch, with their
+        predictions; the defaults' score is the bar every later proposal must pass."""
         if not self.scores:  # a resumed study: rank against every prediction made before
             self.scores = [self.score(t.user_attrs["predicted"], t.user_attrs.get("config") or {})
                            for t in study.get_trials(deepcopy=False)
                            if "output_throughput" in (t.user_attrs.get("predicted") or {})]
         predicted = self.predict(study, engine, config)
-        if baseline:  # its score joins the ranking: a proposal must at least look better than the defaults
-            if isinstance(predicted, dict):
-                self.scores.append(self.score(predicted, config))
-            trial.set_user_attr("predicted", predicted if isinstance(predicted, dict) else {"refused": predicted})
-            return True
         if isinstance(predicted, str):
-            reason = f"the simulator refuses to start it: {predicted}"
             trial.set_user_attr("predicted", {"refused": predicted})
+            if baseline:
+                return True
+            reason = f"the simulator refuses to start it: {predicted}"
         else:
-            trial.set_user_attr("predicted", {name: round(value, 3) for name, value in predicted.items()})
+            rounded = predicted if baseline else {name: round(value, 3) for name, value in predicted.items()}
+            trial.set_user_attr("predicted", rounded)
             score = self.score(predicted, config)
             self.scores.append(score)
             cut = float(np.quantile(self.scores, 1.0 - self.keep)) if len(self.scores) > 1 else -np.inf
-            if not self.warmed_up(study, engine) or score >= cut:
+            if baseline or trial.user_attrs.get("seeded") or not self.warmed_up(study, engine) or score >= cut:
                 return True
             what = "goodput per GPU" if self.slo is not None else "tok/s"
             reason = (f"predicted {score:.3g} {what}, below the best {self.keep:.0%} "
@@ -132,6 +139,56 @@ class Prescreen:
         self.screened += 1
         self.say(f"trial {trial.number}: screened out by the simulator ({reason})")
         return False
+
+    def guesser(self, study: optuna.Study, spaces: dict[str, SearchSpace], context: Context, count: int = 2,
+                samples: int = 48, budget_s: float = 60.0, seed: int | None = None,
+                stop: threading.Event | None = None) -> Callable[[], list[tuple[dict[str, Any], str]]]:
+        """What `best_guesses` runs, ready to run in another thread (`stop` ends it early): the calibrated
+        constants are read here, so the work itself touches neither the study nor this prescreen's state."""
+        constants = {name: self.constants(study, name) for name in spaces if self._calibrated(study, name)}
+        spaces = {name: space for name, space in spaces.items() if name in constants}
+
+        def guess() -> list[tuple[dict[str, Any], str]]:
+            if not spaces:
+                return []
+            first, defaults = next(iter(spaces)), next(iter(spaces.values())).defaults()
+            predicted = self._predict(constants[first], first, defaults)
+            bar = self.score(predicted, defaults) if isinstance(predicted, dict) else 0.0
+            inner = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+            found: dict[tuple, tuple[float, dict[str, Any]]] = {}
+            started = time.monotonic()
+            for _ in range(samples):
+                if time.monotonic() - started > budget_s or (stop is not None and stop.is_set()):
+                    break
+                trial = inner.ask()
+                engine, config = suggest_config(trial, spaces)
+                result: dict[str, float] | str = "outside the space's constraints"
+                if not violations(config, context) and not unavailable_in(spaces[engine], config):
+                    result = self._predict(constants[engine], engine, config)
+                if not isinstance(result, dict):
+                    inner.tell(trial, state=TrialState.FAIL)
+                    continue
+                score = self.score(result, config)
+                inner.tell(trial, score)
+                found[tuple(sorted(trial.params.items()))] = (score, trial.params)
+            ranked = sorted(found.values(), key=lambda item: -item[0])
+            what = "goodput per GPU" if self.slo is not None else "tok/s"
+            return [(params, f"the simulator's best guess {rank + 1} of {len(found)} simulated: predicted "
+                             f"{score:.3g} {what}, the defaults {bar:.3g}")
+                    for rank, (score, params) in enumerate(ranked[:count]) if score > bar]
+
+        return guess
+
+    def best_guesses(self, study: optuna.Study, spaces: dict[str, SearchSpace], context: Context,
+                     **options: Any) -> list[tuple[dict[str, Any], str]]:
+        """Up to `count` configurations (Optuna params, and why) that the simulator alone predicts best, above
+        the defaults of the first engine: a TPE study of at most `samples` simulated replays or `budget_s`
+        seconds, in memory. Only for engines whose calibration on this hardware was cached (else [])."""
+        return self.guesser(study, spaces, context, **options)()
+
+    def _calibrated(self, study: optuna.Study, engine: str) -> bool:
+        self.constants(study, engine)
+        return bool(self._cached.get(self._key(engine)))
 
     def _key(self, engine: str) -> str:
         return calibration_key(self.gpu, _simulated(engine), self._version(engine), self.shape)

@@ -6,8 +6,10 @@ import copy
 import itertools
 import random
 import sys
+import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,6 +193,9 @@ class Tuner:
             raise InputError(f"objective {self.objectives.primary} needs an SLO: give --slo", field="objective")
         self.live_lines, self.slots = LiveLines(), 1  # running trials' lines; most trials seen running at once
         self.fork_servers: dict[str, ForkServer] = {}  # engine: where its fork server listens (see run)
+        self.guess_next = False  # a new study with --prescreen: the simulator's best guesses follow the defaults
+        self.guesses: Future | None = None
+        self.stop_guessing = threading.Event()
         self.spaces = build_spaces(options)
         self.engine_versions: dict[str, str] = {}
         for engine, space in self.spaces.items():
@@ -275,6 +280,8 @@ class Tuner:
                 random.Random(o.seed).shuffle(points)
                 for params in points:
                     study.enqueue_trial(params)
+            else:
+                self.guess_next = self.prescreen is not None
         for knob, value, reason in session.record().excluded:
             for space in self.spaces.values():
                 if knob in space.knobs:
@@ -535,9 +542,14 @@ class Tuner:
             lookahead=self.lookahead, say=self.say, before_wait=lambda: self._show_live(pool),
             wait_s=LIVE_REFRESH_S)
         try:
+            if self.guess_next:  # in a thread, while the defaults trial starts and runs
+                assert self.prescreen is not None
+                guess = self.prescreen.guesser(study, self.spaces, self.context, seed=o.seed, stop=self.stop_guessing)
+                self.guesses = ThreadPoolExecutor(max_workers=1, thread_name_prefix="servetune-guess").submit(guess)
             scheduler.run()
             Finals(o, self.objectives, self._session, self._trial_spec, self.offered_rate, self.say).run(pool)
         finally:
+            self.stop_guessing.set()
             pool.close()
             for fork in running_forks:
                 fork.close()
@@ -556,9 +568,21 @@ class Tuner:
         self._report_campaign(study)
         return study
 
+    def _queue_guesses(self) -> None:
+        """Once the defaults are out, queue the calibrated simulator's best guesses to come next
+        (tuner.study.prescreen.Prescreen.guesser, running since the study opened)."""
+        study = self._session.study
+        if self.guesses is None or all(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+            return
+        guesses, self.guesses = self.guesses.result(), None
+        for params, why in guesses:
+            study.enqueue_trial(params, user_attrs={"seeded": why})
+            self.say(f"queued: {why}")
+
     def _propose(self, largest_node: int) -> Proposal | None:
         """Ask Optuna for a configuration; None when a known constraint rejects it (recorded as such)."""
         session = self._session
+        self._queue_guesses()
         trial = session.ask()
         baseline = bool(trial.user_attrs.get("baseline"))
         engine, config = suggest_config(trial, self.spaces, baseline)
