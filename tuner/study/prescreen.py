@@ -141,7 +141,7 @@ class Prescreen:
         return False
 
     def guesser(self, study: optuna.Study, spaces: dict[str, SearchSpace], context: Context, count: int = 2,
-                samples: int = 48, budget_s: float = 60.0, seed: int | None = None,
+                samples: int = 200, budget_s: float = 60.0, seed: int | None = None,
                 stop: threading.Event | None = None) -> Callable[[], list[tuple[dict[str, Any], str]]]:
         """What `best_guesses` runs, ready to run in another thread (`stop` ends it early): the calibrated
         constants are read here, so the work itself touches neither the study nor this prescreen's state."""
@@ -155,7 +155,7 @@ class Prescreen:
             predicted = self._predict(constants[first], first, defaults)
             bar = self.score(predicted, defaults) if isinstance(predicted, dict) else 0.0
             inner = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-            found: dict[tuple, tuple[float, dict[str, Any]]] = {}
+            found: dict[tuple, tuple[float, float, dict[str, Any]]] = {}
             started = time.monotonic()
             for _ in range(samples):
                 if time.monotonic() - started > budget_s or (stop is not None and stop.is_set()):
@@ -170,14 +170,24 @@ class Prescreen:
                     continue
                 score = self.score(result, config)
                 inner.tell(trial, score)
-                found[tuple(sorted(trial.params.items()))] = (score, trial.params)
-            ranked = sorted(found.values(), key=lambda item: -item[0])
+                found[tuple(sorted(trial.params.items()))] = (score, -self._slo_load(result), trial.params)
+            ranked = sorted(found.values(), key=lambda item: item[:2], reverse=True)
+            picked: list[tuple[float, dict[str, Any]]] = []
+            for score, _, params in ranked:  # each guess of another kind (a categorical knob differs)
+                if len(picked) < count and score > bar and all(_kind(params, spaces) != _kind(other, spaces)
+                                                                 for _, other in picked):
+                    picked.append((score, params))
             what = "goodput per GPU" if self.slo is not None else "tok/s"
             return [(params, f"the simulator's best guess {rank + 1} of {len(found)} simulated: predicted "
                              f"{score:.3g} {what}, the defaults {bar:.3g}")
-                    for rank, (score, params) in enumerate(ranked[:count]) if score > bar]
+                    for rank, (score, params) in enumerate(picked)]
 
         return guess
+
+    def _slo_load(self, predicted: dict[str, float]) -> float:
+        """The largest predicted percentile / its SLO limit: among equal scores, the lower the safer."""
+        targets = self.slo.targets if self.slo is not None else ()
+        return max((predicted[t.name] / t.limit_ms for t in targets if t.name in predicted), default=0.0)
 
     def best_guesses(self, study: optuna.Study, spaces: dict[str, SearchSpace], context: Context,
                      **options: Any) -> list[tuple[dict[str, Any], str]]:
@@ -195,6 +205,14 @@ class Prescreen:
 
     def _version(self, engine: str) -> str:
         return self.engine_versions.get(engine, "unknown")
+
+
+def _kind(params: dict[str, Any], spaces: dict[str, SearchSpace]) -> tuple:
+    """A configuration's categorical choices (engine, backend, dtypes; not on/off switches), from its params."""
+    categorical = {name for space in spaces.values() for name, knob in space.knobs.items()
+                   if knob.type == "categorical"} | {"engine"}
+    return tuple(sorted((name.rsplit(".", 1)[-1], str(value)) for name, value in params.items()
+                        if name.rsplit(".", 1)[-1] in categorical))
 
 
 def _simulated(engine: str) -> str:
