@@ -8,9 +8,14 @@ score (goodput per GPU with an SLO, else output throughput) ranks in the best `k
 everything predicted so far in the study, the defaults' prediction included. Screening starts at once
 when earlier studies on this hardware left a calibration in the cache (proposals made while the
 defaults still run are screened too); without one, proposals launch regardless until `warmup` real
-results exist to fit on. A screened-out proposal is told to Optuna as PRUNED with user attrs `prescreened` (why)
-and `predicted` (the simulator's metrics), so the sampler learns from it without a GPU; every
-launched trial carries `predicted` too, next to what it measured.
+results exist to fit on. A screened-out proposal is told to Optuna as PRUNED with user attrs
+`prescreened` (why) and `predicted` (the simulator's metrics), so the sampler learns from it without a
+GPU; every launched trial carries `predicted` too, next to what it measured.
+
+With a cached calibration the simulator also proposes (`guesser`): while the defaults trial runs, a small
+in-memory Optuna study on the simulator alone picks the configurations it predicts best, above the
+defaults, each of another kind; `tune` queues them next (user attr `seeded`) and they are never screened
+out, so the first searched trials on the GPUs are the simulator's best candidates, not random start-up.
 """
 
 from __future__ import annotations
