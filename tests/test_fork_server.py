@@ -136,6 +136,15 @@ def test_without_a_running_fork_server_the_server_starts_cold(engine, tmp_path):
     assert server.stop() == 0
 
 
+def test_a_fork_server_that_never_started_is_not_waited_for(tmp_path):
+    broken = start_fork_server("/bin/false", ("fakeengine",), tmp_path / "fork.log")  # exits at once
+    argv = ["/bin/false", "-m", "fakeengine.serve", "--port", "1"]
+    started = time.monotonic()
+    assert fork_from(broken.address, argv, {}, tmp_path / "server.log", wait_s=300) is None
+    assert time.monotonic() - started < 60  # not the 300 s a preload may take
+    broken.close()
+
+
 def test_the_fork_server_ends_with_the_process_that_started_it(tmp_path):
     code = textwrap.dedent(f'''
         import sys, time

@@ -6,9 +6,9 @@ Run by path with the engine's interpreter, stdlib only (the engine's virtualenv 
 
     python forkserver.py FOLDER MODULE [MODULE ...]
 
-It writes FOLDER/pid, imports the modules (one that fails is reported and skipped), refuses to serve if
-that initialised CUDA (a forked child could not use it), then listens on FOLDER/socket (the folder is
-private to the user). A request is one JSON line {module, args, env, cwd, log, exit}; the answer is
+It imports the modules (one that fails is reported and skipped), refuses to serve if that initialised
+CUDA (a forked child could not use it), then listens on FOLDER/socket (the folder is private to the user;
+its starter wrote FOLDER/pid). A request is one JSON line {module, args, env, cwd, log, exit}; the answer is
 {"pid": N}. The child starts a new session, writes stdout and stderr to `log`, takes `env` and `cwd` as
 its own and runs `python -m module args` in-process, as a cold start would. The request's connection
 stays open in the child as its lifeline: when the requester ends, even by SIGKILL, the child kills its
@@ -116,8 +116,6 @@ def _threads() -> str:
 
 
 def serve(folder: str, modules: list[str]) -> None:
-    with open(os.path.join(folder, "pid"), "w") as handle:
-        handle.write(f"{os.getpid()}\n")
     started = time.monotonic()
     for module in modules:
         try:

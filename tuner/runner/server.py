@@ -98,6 +98,7 @@ def start_fork_server(python: str, modules: tuple[str, ...], log_path: Path) -> 
         process = subprocess.Popen([python, script, folder, *modules], stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True,
                                    preexec_fn=lambda: _die_with_parent(parent_pid))
+    Path(folder, "pid").write_text(f"{process.pid}\n")  # requesters stop waiting when this process is gone
     return RunningForkServer(ForkServer(python=python, folder=folder), process)
 
 
@@ -154,12 +155,12 @@ def fork_from(server: ForkServer, argv: list[str], env: dict[str, str], log_path
     fork server cannot (another interpreter, not `-m`, not running here, it failed to preload)."""
     if argv[:1] != [server.python] or argv[1:2] != ["-m"] or len(argv) < 3:
         return None
-    pid_file, deadline = Path(server.folder) / "pid", time.monotonic() + wait_s
+    deadline = time.monotonic() + wait_s
     while not os.path.exists(server.socket_path):  # still importing
         try:
-            alive = _pid_running(int(pid_file.read_text()))
-        except (OSError, ValueError):
-            alive = pid_file.parent.is_dir() and time.monotonic() < deadline  # not written yet
+            alive = _pid_running(int(Path(server.folder, "pid").read_text()))
+        except (OSError, ValueError):  # not on this machine, or closed
+            alive = False
         if not alive or time.monotonic() >= deadline:
             return None
         time.sleep(0.2)

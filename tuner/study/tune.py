@@ -332,8 +332,12 @@ class Tuner:
             adapter = get_engine(engine)
             if self.options.cold_start or adapter.simulated or not adapter.preload_modules:
                 continue
-            fork = start_fork_server(self.options.engine_python, adapter.preload_modules,
-                                     self.run_dir / f"fork-server-{engine}.log")
+            try:
+                fork = start_fork_server(self.options.engine_python, adapter.preload_modules,
+                                         self.run_dir / f"fork-server-{engine}.log")
+            except OSError as exc:
+                self.say(f"note: {engine} servers start cold: no fork server ({exc})")
+                continue
             self.fork_servers[engine] = fork.address
             running.append(fork)
         return running
