@@ -304,9 +304,10 @@ class Cluster:
     worker_dir: str  # the second node's temp dir: its processes name it
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
-    """A head and a worker raylet on this machine, each with 1 logical GPU, token authentication on."""
+    """A head and a worker raylet on this machine, each with 1 logical GPU, token authentication on; one
+    cluster for the module (about 15 s to start), so the test that kills its second node comes last."""
     head_dir, worker_dir = (f"/tmp/st-{secrets.token_hex(3)}" for _ in range(2))  # short: socket paths
     gcs, dashboard, *agent_ports = _free_ports(6)
     # a node that stops answering is declared dead after ~5 s instead of ~30 s
