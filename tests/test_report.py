@@ -14,7 +14,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from tuner.cli import main
@@ -73,20 +72,16 @@ def _wait_ready(server) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, mlflow_server):
+def runs(tmp_path_factory, mlflow_server, local_ray):
     """Two simulated studies in one storage: the same model and trace on H100 and on A100."""
-    from tuner.runner.pool import init_ray
-
     out = tmp_path_factory.mktemp("runs")
-    init_ray(None, gpus=1)
     for gpu, extra in (("h100", ["--trials", "3"]), ("a100", ["--trials", "2", "--no-mlflow"])):
         code = main(["--workload", str(WORKLOAD), "--rows", "12", "--time-scale", "3", "--engine", "sim",
                      "--model", "llama-3.2-1b", "--gpu", gpu, "--gpus", "1", "--sim-time-scale", "20",
                      "--seed", "5", "--slo", "ttft_p99=60s", "--study-name", gpu, "--out", str(out), "--quiet",
                      *extra])
         assert code == 0
-    yield out
-    ray.shutdown()
+    return out
 
 
 def _storage(out: Path) -> str:
@@ -101,7 +96,18 @@ def _parent_run(client: MlflowClient, study: str):
     return runs[0]
 
 
-def test_report_of_one_study_logged_to_the_local_store(runs, capsys):
+# The four checks on the two studies are one test: under pytest-xdist, tests of a module go to both
+# workers, and each would run the module's fixtures (two studies and an MLflow server, 45 s) again
+def test_reports_of_the_two_studies(runs, mlflow_server, tmp_path, capsys):
+    (tmp_path / "server").mkdir()
+    (tmp_path / "side").mkdir()
+    _report_of_one_study_logged_to_the_local_store(runs, capsys)
+    _report_logged_to_a_real_mlflow_server(runs, mlflow_server, tmp_path / "server", capsys)
+    _goodput_under_another_slo_is_recomputed_from_the_rows(runs)
+    _two_studies_side_by_side(runs, tmp_path / "side")
+
+
+def _report_of_one_study_logged_to_the_local_store(runs, capsys):
     assert (runs / "h100" / "report.md").exists()  # `tune` itself wrote it at the end of the run
     assert main(["report", "h100", "--storage", _storage(runs)]) == 0
     out = capsys.readouterr().out
@@ -130,7 +136,7 @@ def test_report_of_one_study_logged_to_the_local_store(runs, capsys):
     assert parent.data.metrics["best_output_throughput"] == pytest.approx(best.value("output_throughput"))
 
 
-def test_report_logged_to_a_real_mlflow_server(runs, mlflow_server, tmp_path, capsys):
+def _report_logged_to_a_real_mlflow_server(runs, mlflow_server, tmp_path, capsys):
     uri = _wait_ready(mlflow_server)
     assert main(["report", "h100", "--storage", _storage(runs), "--mlflow-uri", uri, "--out", str(tmp_path)]) == 0
     assert "logged to MLflow" in capsys.readouterr().out
@@ -143,7 +149,7 @@ def test_report_logged_to_a_real_mlflow_server(runs, mlflow_server, tmp_path, ca
     assert not (tmp_path / "mlflow-buffer.jsonl").exists() and not (runs / "h100" / "mlflow-buffer.jsonl").exists()
 
 
-def test_goodput_under_another_slo_is_recomputed_from_the_rows(runs, capsys):
+def _goodput_under_another_slo_is_recomputed_from_the_rows(runs):
     study = load_study("h100", _storage(runs))
     result = load_result(study, run_dir=runs / "h100")
     point = result.best
@@ -161,7 +167,7 @@ def test_goodput_under_another_slo_is_recomputed_from_the_rows(runs, capsys):
     assert "no configuration met every SLO percentile" in text and "misses ttft_p99" in text
 
 
-def test_two_studies_side_by_side(runs, tmp_path, capsys):
+def _two_studies_side_by_side(runs, tmp_path):
     assert main(["report", "h100", "a100", "--storage", _storage(runs), "--out", str(tmp_path), "--no-mlflow"]) == 0
     text = (tmp_path / "comparison.md").read_text()
     assert (tmp_path / "fronts.png").read_bytes()[:8] == PNG_MAGIC

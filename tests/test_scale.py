@@ -125,17 +125,7 @@ def test_storage_urls_and_cluster_notes(tmp_path):
     assert cluster_notes("postgresql://u@db/optuna", "http://mlflow:5000") == []
 
 
-# --- a local Ray cluster with 8 logical GPUs -------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def local_ray():
-    from tuner.runner.pool import init_ray
-
-    ray.shutdown()
-    init_ray(None, gpus=8)
-    yield
-    ray.shutdown()
-
+# --- a local Ray cluster with 8 logical GPUs (conftest.py's local_ray) -----------------------------
 
 @pytest.mark.slow
 def test_the_watchdogs_mark_is_on_the_local_cluster_only(local_ray):
