@@ -549,29 +549,18 @@ class _Gate:
             sink.shutdown(socket.SHUT_WR)
 
 
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with its own SQLite store, that the test takes away and brings
-    back. The server starts once (tens of seconds on 2 cores; without MLflow's job executor, which
-    servetune does not use and which takes 8 more processes); `stop` closes the gate in front of it, so
-    that its address refuses connections as a killed server's would, and `start` opens it again."""
+class GatedMlflow:
+    """conftest.py's real `mlflow server`, behind a gate that the test closes and opens: closed, its address
+    refuses connections as a killed server's would; open again, on the same port, it serves again."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.process = root, None
-        self.port, self.server_port = _free_port(), _free_port()
-        self.gate = _Gate(self.port, self.server_port)
+    def __init__(self, server) -> None:
+        self.server = server
+        self.port, upstream = _free_port(), int(server.uri.rpartition(":")[2])
+        self.gate = _Gate(self.port, upstream)
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        if self.process is None:
-            argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                    str(self.server_port), "--workers", "1", "--backend-store-uri",
-                    f"sqlite:///{self.root / 'mlflow.db'}", "--artifacts-destination", str(self.root / "artifacts")]
-            with open(self.root / "mlflow-server.log", "a") as log:
-                self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-            url = f"http://127.0.0.1:{self.server_port}/health"
-            wait_for(lambda: _http_status(url, None) == 200 if _connects("127.0.0.1", self.server_port)
-                     else False, 120, "mlflow server")
+        self.server.wait_ready()
         self.gate.open()
         wait_for(lambda: _http_status(self.uri + "/health", None) == 200, 30, "mlflow server behind the gate")
 
@@ -608,9 +597,8 @@ def _mlflow_trials(uri: str, study: str) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_mlflow_outage_loses_nothing(tmp_path):
-    pytest.importorskip("mlflow")
-    server = MlflowServer(tmp_path)
+def test_mlflow_outage_loses_nothing(tmp_path, mlflow_server):
+    server = GatedMlflow(mlflow_server)
     server.start()
     out = tmp_path / "runs"
     buffer = out / "outage" / "mlflow-buffer.jsonl"
@@ -660,5 +648,3 @@ def test_mlflow_outage_loses_nothing(tmp_path):
         if tune.poll() is None:
             tune.kill()
         server.gate.close()
-        if server.process is not None and server.process.poll() is None:
-            os.killpg(server.process.pid, signal.SIGKILL)

@@ -35,9 +35,11 @@ def test_wheel_installs_and_tunes_from_another_directory(tmp_path):
             "tuner/search_spaces/sglang.yaml", "tuner/search_spaces/trtllm.yaml"} <= set(names)
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], tmp_path, env, 120)
+    # no pip of its own (ensurepip: about 6 s); this interpreter's pip installs into it
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env, 120)
     python = venv / "bin" / "python"
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], tmp_path, env, 120)
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+         tmp_path, env, 120)
     # the dependencies come from this interpreter's site-packages, appended after the venv's own (a .pth line
     # is a path only: the editable install's hooks there are not run, so `tuner` is the wheel's)
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

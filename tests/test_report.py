@@ -3,18 +3,10 @@ another SLO from the trials' rows, importances, failures, and two studies side b
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from tuner.cli import main
@@ -27,66 +19,21 @@ from tuner.report.write import write_study_report
 
 WORKLOAD = Path(__file__).parents[1] / "workloads" / "mooncake_conversation_head300.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# MLflow 3's server also starts a job executor (8 more processes): ready in 37-40 s instead of 68-81 s on
-# 2 busy cores without it; servetune uses no MLflow job
-NO_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """One real `mlflow server` on 127.0.0.1 for the module (about 6 s to start on 2 cores)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    mlflow = Path(sys.executable).with_name("mlflow")
-    process = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                                "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                                "--artifacts-destination", str(root / "artifacts")],
-                               stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, **NO_JOBS})
-    yield f"http://127.0.0.1:{port}", process, root
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-def _wait_ready(server) -> str:
-    uri, process, root = server
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert process.poll() is None, (root / "server.log").read_text()[-2000:]
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return uri
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError("mlflow server did not become ready in 90 s")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, mlflow_server):
-    """Two simulated studies in one storage: the same model and trace on H100 and on A100."""
-    from tuner.runner.pool import init_ray
-
+def runs(tmp_path_factory, mlflow_server, local_ray):
+    """Two simulated studies in one storage: the same model and trace on H100 and on A100 (conftest.py's
+    MLflow server starts meanwhile)."""
     out = tmp_path_factory.mktemp("runs")
-    init_ray(None, gpus=1)
     for gpu, extra in (("h100", ["--trials", "3"]), ("a100", ["--trials", "2", "--no-mlflow"])):
         code = main(["--workload", str(WORKLOAD), "--rows", "12", "--time-scale", "3", "--engine", "sim",
                      "--model", "llama-3.2-1b", "--gpu", gpu, "--gpus", "1", "--sim-time-scale", "20",
                      "--seed", "5", "--slo", "ttft_p99=60s", "--study-name", gpu, "--out", str(out), "--quiet",
                      *extra])
         assert code == 0
-    yield out
-    ray.shutdown()
+    return out
 
 
 def _storage(out: Path) -> str:
@@ -101,7 +48,18 @@ def _parent_run(client: MlflowClient, study: str):
     return runs[0]
 
 
-def test_report_of_one_study_logged_to_the_local_store(runs, capsys):
+# The four checks on the two studies are one test: under pytest-xdist, tests of a module go to both
+# workers, and each would run the module's fixtures (two studies and an MLflow server, 45 s) again
+def test_reports_of_the_two_studies(runs, mlflow_server, tmp_path, capsys):
+    (tmp_path / "server").mkdir()
+    (tmp_path / "side").mkdir()
+    _report_of_one_study_logged_to_the_local_store(runs, capsys)
+    _report_logged_to_a_real_mlflow_server(runs, mlflow_server, tmp_path / "server", capsys)
+    _goodput_under_another_slo_is_recomputed_from_the_rows(runs)
+    _two_studies_side_by_side(runs, tmp_path / "side")
+
+
+def _report_of_one_study_logged_to_the_local_store(runs, capsys):
     assert (runs / "h100" / "report.md").exists()  # `tune` itself wrote it at the end of the run
     assert main(["report", "h100", "--storage", _storage(runs)]) == 0
     out = capsys.readouterr().out
@@ -130,8 +88,8 @@ def test_report_of_one_study_logged_to_the_local_store(runs, capsys):
     assert parent.data.metrics["best_output_throughput"] == pytest.approx(best.value("output_throughput"))
 
 
-def test_report_logged_to_a_real_mlflow_server(runs, mlflow_server, tmp_path, capsys):
-    uri = _wait_ready(mlflow_server)
+def _report_logged_to_a_real_mlflow_server(runs, mlflow_server, tmp_path, capsys):
+    uri = mlflow_server.wait_ready()
     assert main(["report", "h100", "--storage", _storage(runs), "--mlflow-uri", uri, "--out", str(tmp_path)]) == 0
     assert "logged to MLflow" in capsys.readouterr().out
     client = MlflowClient(uri)
@@ -143,7 +101,7 @@ def test_report_logged_to_a_real_mlflow_server(runs, mlflow_server, tmp_path, ca
     assert not (tmp_path / "mlflow-buffer.jsonl").exists() and not (runs / "h100" / "mlflow-buffer.jsonl").exists()
 
 
-def test_goodput_under_another_slo_is_recomputed_from_the_rows(runs, capsys):
+def _goodput_under_another_slo_is_recomputed_from_the_rows(runs):
     study = load_study("h100", _storage(runs))
     result = load_result(study, run_dir=runs / "h100")
     point = result.best
@@ -161,7 +119,7 @@ def test_goodput_under_another_slo_is_recomputed_from_the_rows(runs, capsys):
     assert "no configuration met every SLO percentile" in text and "misses ttft_p99" in text
 
 
-def test_two_studies_side_by_side(runs, tmp_path, capsys):
+def _two_studies_side_by_side(runs, tmp_path):
     assert main(["report", "h100", "a100", "--storage", _storage(runs), "--out", str(tmp_path), "--no-mlflow"]) == 0
     text = (tmp_path / "comparison.md").read_text()
     assert (tmp_path / "fronts.png").read_bytes()[:8] == PNG_MAGIC

@@ -125,17 +125,7 @@ def test_storage_urls_and_cluster_notes(tmp_path):
     assert cluster_notes("postgresql://u@db/optuna", "http://mlflow:5000") == []
 
 
-# --- a local Ray cluster with 8 logical GPUs -------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def local_ray():
-    from tuner.runner.pool import init_ray
-
-    ray.shutdown()
-    init_ray(None, gpus=8)
-    yield
-    ray.shutdown()
-
+# --- a local Ray cluster with 8 logical GPUs (conftest.py's local_ray) -----------------------------
 
 @pytest.mark.slow
 def test_the_watchdogs_mark_is_on_the_local_cluster_only(local_ray):
@@ -304,9 +294,10 @@ class Cluster:
     worker_dir: str  # the second node's temp dir: its processes name it
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_node_cluster():
-    """A head and a worker raylet on this machine, each with 1 logical GPU, token authentication on."""
+    """A head and a worker raylet on this machine, each with 1 logical GPU, token authentication on; one
+    cluster for the module (about 15 s to start), so the test that kills its second node comes last."""
     head_dir, worker_dir = (f"/tmp/st-{secrets.token_hex(3)}" for _ in range(2))  # short: socket paths
     gcs, dashboard, *agent_ports = _free_ports(6)
     # a node that stops answering is declared dead after ~5 s instead of ~30 s

@@ -7,7 +7,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import ray
 
 from tuner.cli import main
 from tuner.report.hypervolume import hypervolume_2d
@@ -34,15 +33,6 @@ matrix:
   engines: [sim]
   gpu: [h100]
 """
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    from tuner.runner.pool import init_ray
-
-    init_ray(None, gpus=1)
-    yield
-    ray.shutdown()
 
 
 def _runs(out: Path) -> list[dict]:
