@@ -40,6 +40,8 @@ def _read_request(conn: socket.socket) -> dict:
             raise ValueError("incomplete or oversized request")
         data += chunk
     request = json.loads(data)
+    if not isinstance(request, dict):
+        raise ValueError("a request is a JSON object")
     for key in ("module", "args", "env", "cwd", "log", "exit"):
         if key not in request:
             raise ValueError(f"request without {key!r}")
