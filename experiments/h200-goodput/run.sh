@@ -45,6 +45,8 @@ study() {
   # (named <key>.json there; round 3 copied it as calibration-<key>.json, which no study ever found)
   mkdir -p "$HOME/.cache/servetune/calibration"
   for f in "$here"/calibration-*.json; do cp "$f" "$HOME/.cache/servetune/calibration/$(basename "${f#*/calibration-}")"; done
+  # and vLLM 0.26.0's `serve --help=all`, captured on the H100 (tests/fixtures/vllm): no 25 s probe on a fresh machine
+  mkdir -p "$HOME/.cache/servetune/help" && cp tests/fixtures/vllm/vllm-0.26.0-serve-help.txt "$HOME/.cache/servetune/help/vllm-0.26.0.txt"
   python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" > "$W/versions.txt" 2>&1
   setsid nohup python3 -m tuner run --workload "$TRAIN" --time-scale "$TS" --max-model-len "$MAXLEN" \
     "${ENGINE_FLAGS[@]}" --slo "$SLO" --trials "$TRIALS" --budget "$BUDGET" --finalists 1 --repeats 3 \
