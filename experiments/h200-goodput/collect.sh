@@ -3,7 +3,7 @@
 # optuna.db, mlflow.db, report.md, pareto.png, phases.md, tune.log, and everything else of $W (trial and
 # hand-started server logs, start-up phases, bench summaries and rows, commands, GPU and versions) in one tar.
 set -u
-W=${W:-/tmp/run}; OUT=${OUT:?set OUT}; STUDY=${STUDY:-h200-goodput-r3}
+W=${W:-/tmp/run}; OUT=${OUT:?set OUT}; STUDY=${STUDY:-h200-goodput-r4}
 here=$(cd "$(dirname "$0")" && pwd)
 [ -f "$W/phases.md" ] || bash "$here/run.sh" table > /dev/null
 cp "$W/runs/optuna.db" "$W/runs/mlflow.db" "$W/runs/$STUDY/report.md" "$W/runs/$STUDY/pareto.png" \

@@ -17,10 +17,10 @@ W=${W:-/tmp/run}
 ENGINE=${ENGINE:-vllm}
 TS=${TS:-12}  # the trace replayed 12x faster: ~45 req/s, ~42k prompt and ~12k output tok/s asked of one H200
 TRIALS=${TRIALS:-7}
-BUDGET=${BUDGET:-6m}  # the search; the finalist's and the defaults' 3 repeats come after it
+BUDGET=${BUDGET:-9m}  # the search; the finalist's and the defaults' 3 repeats come after it
 SLO=${SLO:-ttft_p99=1s,tpot_p99=50ms}  # interactive chat (round 1 of this run used 2 s / 100 ms: see README)
 PRESCREEN=${PRESCREEN:-sim}  # the simulator, calibrated on this H200's earlier runs, screens proposals
-STUDY=${STUDY:-h200-goodput-r3}
+STUDY=${STUDY:-h200-goodput-r4}
 TRAIN=workloads/azure_conv_rows0-399.jsonl
 HOLDOUT=${HOLDOUT:-workloads/azure_conv_rows17000-17349.jsonl}
 MAXLEN=6144  # both slices fit (longest request 4,176 and 5,346 tokens)
@@ -42,7 +42,7 @@ study() {
   [ -f "$W/tune.pid" ] && kill -0 "$(cat "$W/tune.pid")" 2>/dev/null && { echo "study already running"; return 0; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$W/gpu.txt" 2>&1
   # the calibration an earlier study on this hardware would have left in the cache (calibrate.py)
-  # (named <key>.json there; round 3 copied it as calibration-<key>.json, which no study ever found)
+  # (named <key>.json there; rounds 2 and 3 copied it as calibration-<key>.json, which no study looked for)
   mkdir -p "$HOME/.cache/servetune/calibration"
   for f in "$here"/calibration-*.json; do cp "$f" "$HOME/.cache/servetune/calibration/$(basename "${f#*/calibration-}")"; done
   # and vLLM 0.26.0's `serve --help=all`, captured on the H100 (tests/fixtures/vllm): no 25 s probe on a fresh machine
