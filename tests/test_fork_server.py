@@ -61,7 +61,7 @@ def engine(tmp_path, monkeypatch):
 def spec(*extra: str, env: dict[str, str] | None = None) -> ServerSpec:
     port = free_port()
     return ServerSpec(argv=[sys.executable, "-m", "fakeengine.serve", "--port", str(port), *extra], env=env or {},
-                      url=f"http://127.0.0.1:{port}", served_model_name="m", preload=("fakeengine",))
+                      url=f"http://127.0.0.1:{port}", served_model_name="m")
 
 
 def test_a_forked_server_is_what_a_cold_start_would_be(engine, tmp_path, monkeypatch):
@@ -138,10 +138,11 @@ def test_without_a_running_fork_server_the_server_starts_cold(engine, tmp_path):
 
 def test_a_fork_server_that_never_started_is_not_waited_for(tmp_path):
     broken = start_fork_server("/bin/false", ("fakeengine",), tmp_path / "fork.log")  # exits at once
+    # its starter names its process at once, so a requester can tell "still importing" from "gone"
+    assert int(Path(broken.address.folder, "pid").read_text()) == broken.process.pid
+    broken.process.wait()
     argv = ["/bin/false", "-m", "fakeengine.serve", "--port", "1"]
-    started = time.monotonic()
     assert fork_from(broken.address, argv, {}, tmp_path / "server.log", wait_s=300) is None
-    assert time.monotonic() - started < 60  # not the 300 s a preload may take
     broken.close()
 
 

@@ -56,7 +56,6 @@ class ServerSpec:
     clock_scale: float = 1.0
     metrics_prefix: str = ""
     vocab_size: int = 32000
-    preload: tuple[str, ...] = ()  # modules a fork server may import once for every server (see Engine)
 
 
 def cache_root() -> Path:
@@ -232,8 +231,7 @@ class Engine(ABC):
         return ServerSpec(argv=argv, env=self.environment(launch), url=f"http://{launch.host}:{launch.port}",
                           served_model_name=launch.served_model_name, api_key=launch.api_key,
                           clock_scale=self.clock_scale(launch),
-                          metrics_prefix=self.metrics_prefix, vocab_size=vocab_size,
-                          preload=self.preload_modules)
+                          metrics_prefix=self.metrics_prefix, vocab_size=vocab_size)
 
     def serve_command(self, launch: Launch, space: SearchSpace) -> list[str]:
         """The command a person pastes: no tuner-internal port or key, the engine's own defaults."""

@@ -194,7 +194,7 @@ class ManagedServer:
         self.process: subprocess.Popen | ForkedProcess | None = None
         self.pid_path = log_path.parent / "server.pid"
         self.started_at = 0.0  # epoch seconds of the launch
-        self.fork_server = fork_server if spec.preload else None
+        self.fork_server = fork_server  # tune starts one only for an engine with preload_modules
         self.fork_wait_s = fork_wait_s  # how long a first server may wait for the fork server's preload
         self.forked = False
 

@@ -150,8 +150,8 @@ class Prescreen:
                 stop: threading.Event | None = None) -> Callable[[], list[tuple[dict[str, Any], str]]]:
         """What `best_guesses` runs, ready to run in another thread (`stop` ends it early): the calibrated
         constants are read here, so the work itself touches neither the study nor this prescreen's state."""
-        constants = {name: self.constants(study, name) for name in spaces if self._calibrated(study, name)}
-        spaces = {name: space for name, space in spaces.items() if name in constants}
+        constants = {name: self.constants(study, name) for name in spaces}  # also learns what was cached
+        spaces = {name: space for name, space in spaces.items() if self._cached.get(self._key(name))}
 
         def guess() -> list[tuple[dict[str, Any], str]]:
             if not spaces:
@@ -200,10 +200,6 @@ class Prescreen:
         the defaults of the first engine: a TPE study of at most `samples` simulated replays or `budget_s`
         seconds, in memory. Only for engines whose calibration on this hardware was cached (else [])."""
         return self.guesser(study, spaces, context, **options)()
-
-    def _calibrated(self, study: optuna.Study, engine: str) -> bool:
-        self.constants(study, engine)
-        return bool(self._cached.get(self._key(engine)))
 
     def _key(self, engine: str) -> str:
         return calibration_key(self.gpu, _simulated(engine), self._version(engine), self.shape)
