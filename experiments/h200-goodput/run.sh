@@ -10,6 +10,7 @@
 #   run.sh holdout defaults the same with vLLM's defaults
 #   run.sh holdout fp8      vLLM's defaults with --quantization fp8 (REPEATS=1 is enough to show it serves)
 #   run.sh table            start-up phases of every server, and the hold-out goodput, as markdown
+# PROBE=1 samples a hand-started server's stacks during start-up (probe/; summary: probe/probe_summary.py).
 # ENGINE=sim runs the same logic on the simulator (CPU dry run); TS, TRIALS, BUDGET, SLO, PRESCREEN override the plan;
 # EXPORTED=FILE: hold out this shell line instead of `tune export`'s choice.
 set -u
@@ -90,7 +91,9 @@ start_server() {
   local name=$1 port=$2; shift 2
   echo "$*" > "$W/$name.cmd"
   local t0; t0=$(date +%s.%N)
-  setsid nohup "$@" --host 127.0.0.1 --port "$port" --served-model-name servetune-model \
+  local probe=()  # PROBE=1: every process of this server samples its stacks (probe/sitecustomize.py)
+  [ -n "${PROBE:-}" ] && { mkdir -p "$W/probe"; probe=(env "PYTHONPATH=$here/probe:$PYTHONPATH" "STACKPROBE_OUT=$W/probe/$name"); }
+  setsid nohup "${probe[@]}" "$@" --host 127.0.0.1 --port "$port" --served-model-name servetune-model \
     > "$W/$name.server.log" 2>&1 < /dev/null &
   echo $! > "$W/$name.pid"
   local until=$(( $(date +%s) + 400 ))
