@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -103,6 +105,30 @@ def test_a_cache_place_the_user_chose_is_kept(monkeypatch):
     space = load_space("vllm")
     launch = Launch(config=space.defaults(), model="m", extra_env=(("VLLM_CACHE_ROOT", "/x"),))
     assert get_engine("vllm").server_spec(launch, space).env["VLLM_CACHE_ROOT"] == "/x"
+
+
+def test_the_engine_core_is_forked_unless_the_user_chose_a_start_method(monkeypatch):
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    spec, _ = _vllm_spec({})
+    assert spec.env["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"  # `vllm serve` alone would spawn it
+    space = load_space("vllm")
+    launch = Launch(config=space.defaults(), model="m", extra_env=(("VLLM_WORKER_MULTIPROC_METHOD", "spawn"),))
+    assert get_engine("vllm").server_spec(launch, space).env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    assert "VLLM_WORKER_MULTIPROC_METHOD" not in _vllm_spec({})[0].env  # the server inherits the user's own
+
+
+@pytest.mark.vllm_cpu
+@pytest.mark.skipif(not os.environ.get("SERVETUNE_VLLM_PYTHON"), reason="SERVETUNE_VLLM_PYTHON is not set")
+def test_real_vllm_s_cli_keeps_the_start_method_it_is_given():
+    code = ("import os; from vllm.entrypoints.serve.utils.api_utils import cli_env_setup; cli_env_setup(); "
+            "print(os.environ['VLLM_WORKER_MULTIPROC_METHOD'])")
+    def method(env):
+        return subprocess.run([os.environ["SERVETUNE_VLLM_PYTHON"], "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120, check=True).stdout.split()[-1]
+    bare = {k: v for k, v in os.environ.items() if k != "VLLM_WORKER_MULTIPROC_METHOD"}
+    assert method(bare) == "spawn"  # what vLLM does alone: the engine core imports vLLM again
+    assert method({**bare, "VLLM_WORKER_MULTIPROC_METHOD": "fork"}) == "fork"
 
 
 def test_fast_start_flags_exist_in_vllm_0_26_help():

@@ -65,7 +65,14 @@ def capture_cap_args(launch: Launch, flags: list[str]) -> list[str]:
 
 
 def fast_start_env(env: dict[str, str]) -> dict[str, str]:
-    """One compile cache for every trial and study on the machine, unless the user chose a place.
+    """One compile cache for every trial and study on the machine, unless the user chose a place; the engine
+    core forked from the API server, unless the user chose a start method.
+
+    `vllm serve` sets VLLM_WORKER_MULTIPROC_METHOD=spawn when it is unset (`cli_env_setup`), so its engine core
+    process imported vLLM and torch again: 16-18 s of every start on the H200, forked servers included (stack
+    samples, experiments/h200-goodput/README.md). Forking is vLLM's own default as a library; vLLM still spawns
+    when the API server has initialised CUDA, and on CPU (`_maybe_force_spawn`, `CpuPlatform`). Neither
+    variable is in vLLM's compile-cache key (`envs.compile_factors`).
 
     Not vLLM 0.26's start-up plan (VLLM_ENABLE_STARTUP_PLAN=1, the KV size of an earlier profile reused):
     its key (`VllmConfig.compute_hash()`) leaves out gpu_memory_utilization and max_num_seqs, so a trial
@@ -73,4 +80,6 @@ def fast_start_env(env: dict[str, str]) -> dict[str, str]:
     out = dict(env)
     if "VLLM_CACHE_ROOT" not in out and "VLLM_CACHE_ROOT" not in os.environ:
         out["VLLM_CACHE_ROOT"] = str(cache_root() / "vllm-compile")
+    if "VLLM_WORKER_MULTIPROC_METHOD" not in out and "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ:
+        out["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
     return out
