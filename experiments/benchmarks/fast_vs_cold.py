@@ -10,8 +10,11 @@ cold start did not hit the cache, and then the comparison is cold against cold.
 Since round 3 every server of a study is forked from the fork server, so the study alone compares a cold
 compile with a cached one. `--cold-process TRIAL SUMMARY.json ...` adds the other side: runs of the same
 flags on the same slice from a server started as a new process by hand (run.sh's TRAIN_REPEATS).
+`--cold-study TRIAL STORE NAME` compares under one harness: the runs of TRIAL's flags (search trial and
+repeats) against the same flags' runs in a `tune --cold-start` study (every server a new process).
 
-    python experiments/benchmarks/fast_vs_cold.py STORE STUDY [RUN_DIR_OR_PHASES_MD] [--cold-process TRIAL SUMMARY...]
+    python experiments/benchmarks/fast_vs_cold.py STORE STUDY [RUN_DIR_OR_PHASES_MD] \
+        [--cold-study TRIAL STORE NAME] [--cold-process TRIAL SUMMARY...]
 """
 
 from __future__ import annotations
@@ -62,8 +65,39 @@ def cold_process_table(study: optuna.Study, number: int, summaries: list[Path]) 
     print(f"\nforked / new process, output tok/s: {ratio:.3f} ({verdict} 2 %)")
 
 
+def all_runs(study: optuna.Study, number: int) -> list[float]:
+    """Output tok/s of every run of a trial's flags in a study: the search trial and its re-measurements."""
+    summary = study.trials[number].user_attrs.get("summary") or {}
+    final = StudyRecord.of(study).finals.get(str(number)) or {}
+    repeats = (final.get("remeasured") or {}).get("estimates", {}).get("output_throughput", {}).get("values", [])
+    return [summary["output_throughput"], *repeats] if summary.get("output_throughput") else list(repeats)
+
+
+def cold_study_table(study: optuna.Study, number: int, cold: optuna.Study) -> None:
+    """The same harness on both sides: a study's runs of one trial's flags on forked servers against a
+    `tune --cold-start` study's runs of the same flags (every server a new process)."""
+    params = study.trials[number].params
+    twins = [t.number for t in cold.trials if t.params == params and t.user_attrs.get("summary")]
+    if not twins:
+        print(f"\nno trial of study {cold.study_name} has trial {number}'s flags")
+        return
+    forked, new = all_runs(study, number), all_runs(cold, twins[0])
+    print(f"\n| trial {number}, same harness (tune) | runs | output tok/s (each) | mean |")
+    print("|---|---|---|---|")
+    for label, values in (("forked from the fork server", forked), ("new process (--cold-start)", new)):
+        print(f"| {label} | {len(values)} | {', '.join(f'{v:,.0f}' for v in values)} | "
+              f"{sum(values) / len(values):,.0f} |")
+    ratio = (sum(forked) / len(forked)) / (sum(new) / len(new))
+    print(f"\nforked / new process under tune, output tok/s: {ratio:.3f} "
+          f"({'within' if abs(ratio - 1) <= 0.02 else 'outside'} 2 %)")
+
+
 def main(argv: list[str]) -> int:
     cold_process: list[str] = []
+    cold_study: list[str] = []
+    if "--cold-study" in argv:
+        at = argv.index("--cold-study")
+        argv, cold_study = argv[:at] + argv[at + 4:], argv[at + 1:at + 4]
     if "--cold-process" in argv:
         at = argv.index("--cold-process")
         argv, cold_process = argv[:at], argv[at + 1:]
@@ -88,6 +122,9 @@ def main(argv: list[str]) -> int:
               f"{'yes' if abs(mean / cold - 1) <= 0.02 else 'no'} | {seconds} |")
     if cold_process:
         cold_process_table(study, int(cold_process[0]), [Path(p) for p in cold_process[1:]])
+    if cold_study:
+        store = cold_study[1] if "://" in cold_study[1] else f"sqlite:///{cold_study[1]}"
+        cold_study_table(study, int(cold_study[0]), optuna.load_study(study_name=cold_study[2], storage=store))
     return 0
 
 
