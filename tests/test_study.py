@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -232,3 +233,10 @@ def test_finalists_are_measured_again_and_their_capacity_found(tmp_path, capsys)
                 if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("baseline")]
     assert complete and all(len(t.user_attrs["rung_scores"]) == 3 for t in complete)
     assert "Finalists measured again" in (run_dir / "report.md").read_text()
+    # the re-measurements hold and measure GPUs too: the campaign counts them
+    campaign = json.loads((run_dir / "campaign.json").read_text())
+    labels = sorted(span["label"] for span in campaign["spans"] if span["number"] == int(number))
+    assert labels == ["", "capacity", "repeat-1", "repeat-2", "repeat-3"]
+    assert campaign["measuring_gpu_s"] == round(sum(span["measure_s"] * span["gpus"] for span in campaign["spans"]), 1)
+    assert campaign["ended_at"] >= max(span["ended_at"] for span in campaign["spans"])
+    assert campaign["trials"] == 4 and campaign["remeasurements"] == len(campaign["spans"]) - 4 >= 4

@@ -2,6 +2,7 @@
 
 Measuring time of a trial = the replay's wall-clock (first send to last completion) × its GPUs.
 GPU time held = the campaign's wall-clock (first launch to last trial recorded) × the GPUs it was given.
+The finalists' re-measurements after the search are spans as well (labelled `repeat-1`, ...).
 Start-up, warm-up, teardown and GPUs left idle count as held but not measuring.
 """
 
@@ -23,6 +24,7 @@ class TrialSpan:
     measure_s: float
     ended_at: float
     ok: bool
+    label: str = ""  # a finalist's re-measurement ("repeat-1", "capacity"); "" for a search trial
 
 
 @dataclass
@@ -54,7 +56,8 @@ class Campaign:
         return self.measuring_gpu_s / self.held_gpu_s if self.held_gpu_s > 0 else 0.0
 
     def summary(self) -> dict:
-        return {"gpus": self.gpus, "trials": len(self.spans), "wall_s": round(self.wall_s, 2),
+        return {"gpus": self.gpus, "trials": sum(1 for span in self.spans if not span.label),
+                "remeasurements": sum(1 for span in self.spans if span.label), "wall_s": round(self.wall_s, 2),
                 "held_gpu_s": round(self.held_gpu_s, 1), "measuring_gpu_s": round(self.measuring_gpu_s, 1),
                 "in_trials_gpu_s": round(self.in_trials_gpu_s, 1), "utilisation": round(self.utilisation, 4),
                 "packing": round(self.in_trials_gpu_s / self.held_gpu_s, 4) if self.held_gpu_s else 0.0}
@@ -70,7 +73,7 @@ def with_earlier_trials(campaign: Campaign, trials: list) -> Campaign:
     """This run's campaign plus the spans that earlier runs of the study stored on their trials (user attrs
     `started_at`, `ended_at`, `ready_s`, `measure_s`, `gpu_ids`, `node`): the schedule of a resumed study
     shows every trial, from the first run's start."""
-    seen = {span.number for span in campaign.spans}
+    seen = {span.number for span in campaign.spans if not span.label}
     earlier = []
     for trial in trials:
         attrs = trial.user_attrs
@@ -116,8 +119,8 @@ def gantt_png(campaign: Campaign, path: Path, title: str) -> Path | None:
             ax.broken_barh([(start, ready)], (y - 0.4, 0.8), facecolors=colour, alpha=0.35)
             if span.measure_s > 0:
                 ax.broken_barh([(start + ready, span.measure_s)], (y - 0.4, 0.8), facecolors=colour)
-            ax.text(start + ready + 0.5, y, f"#{span.number}" + ("" if span.ok else " ✗"), va="center",
-                    fontsize=7)
+            ax.text(start + ready + 0.5, y, f"#{span.number}" + (f" {span.label}" if span.label else "")
+                    + ("" if span.ok else " ✗"), va="center", fontsize=7)
     node_label = {node: f"node {i}" for i, node in enumerate(nodes)}
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{node_label[node]} GPU {gpu}" if len(nodes) > 1 else f"GPU {gpu}" for node, gpu in rows])

@@ -22,16 +22,18 @@ from tuner.study.fidelity import estimates_of, retimed
 from tuner.study.session import StudySession
 
 if TYPE_CHECKING:
-    from tuner.runner.pool import TrialPool
+    from tuner.runner.pool import Finished, TrialPool
 
 
 class Finals:
     def __init__(self, options: Any, objectives: Objectives, session: StudySession,
                  trial_spec: Callable[[int, str, dict[str, Any], bool], TrialSpec], offered_rate: float,
-                 say: Callable[[str], None]) -> None:
-        """`options`: the study's `TuneOptions`; `trial_spec(number, engine, config, baseline)` builds a run."""
+                 say: Callable[[str], None], on_finished: Callable[[Finished], object] = lambda _: None) -> None:
+        """`options`: the study's `TuneOptions`; `trial_spec(number, engine, config, baseline)` builds a run;
+        `on_finished` sees every run the pool finishes (the campaign's schedule)."""
         self.options, self.objectives, self.session = options, objectives, session
         self.trial_spec, self.offered_rate, self.say = trial_spec, offered_rate, say
+        self.on_finished = on_finished
 
     def run(self, pool: TrialPool) -> None:
         """Measure the chosen configurations again (see the module docstring). Unreliable measurements are
@@ -119,6 +121,7 @@ class Finals:
             if finished is None:
                 continue
             done.append((finished.spec, finished.outcome))
+            self.on_finished(finished)
             outcome = finished.outcome
             text = ("lost or raised: " + finished.error if outcome is None
                     else f"FAILED ({outcome.failure}: {outcome.message})" if not outcome.ok

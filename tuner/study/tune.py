@@ -551,7 +551,8 @@ class Tuner:
                 guess = self.prescreen.guesser(study, self.spaces, self.context, seed=o.seed, stop=self.stop_guessing)
                 self.guesses = ThreadPoolExecutor(max_workers=1, thread_name_prefix="servetune-guess").submit(guess)
             scheduler.run()
-            Finals(o, self.objectives, self._session, self._trial_spec, self.offered_rate, self.say).run(pool)
+            Finals(o, self.objectives, self._session, self._trial_spec, self.offered_rate, self.say,
+                   on_finished=self._add_span).run(pool)
         finally:
             self.stop_guessing.set()
             pool.close()
@@ -627,21 +628,30 @@ class Tuner:
 
     def _record_placement(self, finished: Finished) -> None:
         """Where and when the trial ran (record fields, and a span of this campaign's schedule)."""
-        spec, outcome, where = finished.spec, finished.outcome, finished.placement
+        spec, where = finished.spec, finished.placement
         gpus = gpus_needed(spec.launch.config)
         attrs: dict[str, Any] = {"gpus": gpus, "node": finished.node_id or (where.node_id if where else "")}
         if where is not None:
             attrs.update(gpu_ids=list(where.gpu_ids), cuda_visible_devices=where.cuda_visible_devices,
                          nvlink=where.nvlink)
-        if outcome is not None:
-            clock = get_engine(spec.engine).clock_scale(spec.launch)
-            measure_s = (outcome.summary.get("duration_s") or 0.0) / clock
-            attrs.update(started_at=outcome.started_at, ended_at=outcome.ended_at, measure_s=round(measure_s, 3))
-            self.campaign.spans.append(TrialSpan(
-                number=spec.number, gpus=gpus, gpu_ids=where.gpu_ids if where else (), node_id=attrs["node"],
-                started_at=outcome.started_at, ready_s=outcome.ready_s, measure_s=measure_s,
-                ended_at=outcome.ended_at, ok=outcome.ok))
+        span = self._add_span(finished)
+        if span is not None:
+            attrs.update(started_at=span.started_at, ended_at=span.ended_at, measure_s=round(span.measure_s, 3))
         self._session.save(spec.number, **attrs)
+
+    def _add_span(self, finished: Finished) -> TrialSpan | None:
+        """The run's span in this campaign's schedule (a search trial, or a finalist's re-measurement)."""
+        spec, outcome, where = finished.spec, finished.outcome, finished.placement
+        if outcome is None:
+            return None
+        measure_s = (outcome.summary.get("duration_s") or 0.0) / get_engine(spec.engine).clock_scale(spec.launch)
+        node = finished.node_id or (where.node_id if where else "")
+        span = TrialSpan(number=spec.number, gpus=gpus_needed(spec.launch.config),
+                         gpu_ids=where.gpu_ids if where else (), node_id=node,
+                         started_at=outcome.started_at, ready_s=outcome.ready_s, measure_s=measure_s,
+                         ended_at=outcome.ended_at, ok=outcome.ok, label=spec.label)
+        self.campaign.spans.append(span)
+        return span
 
     def _record_lost(self, finished: Finished, total: int) -> None:
         """The actor or its node died mid-trial: fail the trial with the cause and queue its configuration
@@ -669,7 +679,8 @@ class Tuner:
         title = f"{self.options.study_name}: schedule of {len(everything.spans)} trials on {campaign.gpus} GPU(s)"
         png = gantt_png(everything, self.run_dir / "schedule.png", title) or "(none: matplotlib is not installed)"
         s = campaign.summary()
-        self.say(f"\ncampaign: {s['trials']} trials in {_fmt_duration(s['wall_s'])} on {s['gpus']} GPU(s); "
+        again = f" and {s['remeasurements']} finalist re-measurement(s)" if s["remeasurements"] else ""
+        self.say(f"\ncampaign: {s['trials']} trials{again} in {_fmt_duration(s['wall_s'])} on {s['gpus']} GPU(s); "
                  f"GPU utilisation {s['utilisation']:.2f} (measuring / held), GPUs inside trials "
                  f"{s['packing']:.2f}; schedule: {png}")
 
