@@ -134,3 +134,35 @@ def test_wait_ready_gives_up_with_one_line_naming_the_option():
     with pytest.raises(InputError, match=r"--wait-ready.*not ready after 0.5 s"):
         wait_ready(f"http://127.0.0.1:{port}", timeout_s=0.5, poll_s=0.1)
     assert time.monotonic() - started < 5
+
+
+def test_engine_options_can_name_one_engine_of_the_study():
+    from tuner.study.cli import per_engine
+    from tuner.study.tune import TuneOptions
+
+    engines = ["vllm", "sglang"]
+    assert per_engine(["vllm=/venvs/vllm/bin/python", "/usr/bin/python3", "a=b/python"], "=", engines,
+                      "engine-python") == {"vllm": ["/venvs/vllm/bin/python"], "": ["/usr/bin/python3", "a=b/python"]}
+    assert per_engine(["sglang:--attention-backend triton", "--seed 1", "A=b:c"], ":", engines, "engine-arg") == {
+        "sglang": ["--attention-backend triton"], "": ["--seed 1", "A=b:c"]}
+    with pytest.raises(InputError, match="for sglang, which this study does not tune"):
+        per_engine(["sglang:--attention-backend triton"], ":", ["vllm"], "engine-arg")
+    options = TuneOptions(workload=Path("w"), requests=[], workload_digest="", engines=engines, model="m", shape=None,
+                          gpus=1, gpu=None, engine_args=["--seed", "1"],
+                          engine_args_by={"sglang": ["--attention-backend", "triton"]},
+                          engine_env_by={"vllm": [("VLLM_X", "1")]}, engine_pythons={"sglang": "/venvs/sglang/py"})
+    assert options.args_for("sglang") == ["--seed", "1", "--attention-backend", "triton"]
+    assert options.args_for("vllm") == ["--seed", "1"] and options.env_for("sglang") == []
+    assert options.python_for("sglang") == "/venvs/sglang/py" and options.python_for("vllm") == sys.executable
+
+
+def test_each_engine_of_a_study_is_probed_with_its_own_python(tmp_path, capsys):
+    workload = tmp_path / "w.jsonl"
+    workload.write_text('{"arrival_s": 0, "input_tokens": 8, "output_tokens": 4}\n')
+    code = main(["--workload", str(workload), "--engine", "sglang,vllm", "--model-shape", "tiny-llama",
+                 "--engine-python", f"sglang={tmp_path / 'no-such-venv' / 'python'}", "--no-mlflow",
+                 "--out", str(tmp_path / "runs"), "--trials", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"sglang is not importable by {tmp_path / 'no-such-venv' / 'python'}" in err
+    assert "--engine-python sglang=PYTHON" in err

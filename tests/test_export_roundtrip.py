@@ -101,3 +101,15 @@ def test_a_tuned_enforce_eager_stays_when_the_study_did_not_store_its_engine_arg
     assert main(["export", "--study", name, "--storage", storage, "--format", "docker"]) == 0
     out = capsys.readouterr()
     assert "--enforce-eager" in out.out and "--kv-cache-memory-bytes" not in out.out
+
+
+def test_exports_drop_the_machine_args_given_to_one_engine_of_the_study(tmp_path, capsys):
+    space = load_space("vllm")
+    config = space.active_config({**space.defaults(), "max_num_seqs": 64})
+    name, storage = _study(tmp_path, "vllm", "meta-llama/Llama-3.1-8B-Instruct", config, MACHINE_ARGS,
+                           {"engine_args": [], "engine_args_by_engine": {"vllm": MACHINE_ARGS, "sglang": []}})
+    assert main(["export", "--study", name, "--storage", storage, "--format", "docker"]) == 0
+    out = capsys.readouterr()
+    # --enforce-eager too: known as the study's own arg, not taken for the cuda_graphs knob's
+    assert "--enforce-eager" not in out.out and "--kv-cache-memory-bytes" not in out.out and "--max-num-seqs" in out.out
+    assert "left out engine args" in out.err

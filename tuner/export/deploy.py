@@ -111,7 +111,9 @@ def container_for(point: Point, study: optuna.Study, model: str | None = None, i
     if model and model != recorded_model:
         flags = _without_dummy_weights(flags)  # a model shape was tuned; the real model has real weights
     model = model or recorded_model
-    flags, dropped = without_machine_args(flags, study.user_attrs.get("engine_args"))
+    study_args = (study.user_attrs.get("engine_args_by_engine") or {}).get(point.engine)
+    flags, dropped = without_machine_args(flags, study_args if study_args is not None
+                                          else study.user_attrs.get("engine_args"))
     version = (study.user_attrs.get("engine_versions") or {}).get(point.engine)
     tag = f"v{version}" if version and version[:1].isdigit() else "latest"
     command, args = adapter.container(model)

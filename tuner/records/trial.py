@@ -146,6 +146,7 @@ class StudyRecord:
     interrupted: list[int] = field(default_factory=list)  # trials a killed `tune` left running
     excluded: list[list[Any]] = field(default_factory=list)  # [knob, value, reason]: left the space
     engine_args: list[str] = field(default_factory=list)  # every server's extra args (exports drop machine ones)
+    engine_args_by_engine: dict[str, list[str]] = field(default_factory=dict)  # each engine's, common ones first
     offered_rate: float = 0.0  # the trace's requests per second (server clock), 0 when closed loop
     selection: dict[str, Any] = field(default_factory=dict)  # rows, seconds, time_scale as tune sliced the trace
 

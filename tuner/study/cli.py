@@ -42,10 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "or auto (the simulator without a GPU)")
     m.add_argument("--gpus", type=int, default=1, help="GPUs to use; logical GPUs for the simulator")
     m.add_argument("--gpu", default=None, help="GPU model for the simulator and constraints (h100, h200, a100...)")
-    m.add_argument("--engine-python", default=sys.executable, help="python that has the engine installed")
-    m.add_argument("--engine-arg", action="append", default=[],
-                   help="extra flags for every server, e.g. --engine-arg='--enforce-eager' (repeat)")
-    m.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for every server (repeat)")
+    m.add_argument("--engine-python", action="append", default=[], metavar="[ENGINE=]PY",
+                   help="python that has the engine installed (default: this one); ENGINE=PY for one engine "
+                        "of the study, e.g. --engine-python vllm=.venv-vllm/bin/python (repeat)")
+    m.add_argument("--engine-arg", action="append", default=[], metavar="[ENGINE:]ARGS",
+                   help="extra flags for every server, e.g. --engine-arg='--enforce-eager'; ENGINE:ARGS for one "
+                        "engine's servers, e.g. --engine-arg='sglang:--attention-backend triton' (repeat)")
+    m.add_argument("--engine-env", action="append", default=[], metavar="[ENGINE:]KEY=VALUE",
+                   help="KEY=VALUE for every server; ENGINE:KEY=VALUE for one engine's servers (repeat)")
     m.add_argument("--max-model-len", type=int, default=None,
                    help="context length given to every server (default: the workload's longest request)")
     m.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to be ready")
@@ -225,6 +229,20 @@ def resolve_engines(text: str) -> list[str]:
     return engines
 
 
+def per_engine(items: list[str], sep: str, engines: list[str], option: str) -> dict[str, list[str]]:
+    """Split `[ENGINE<sep>]VALUE` items by engine ("" for every engine) when the prefix names an engine.
+    An engine this study does not tune is an error, not a silent no-op."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, found, rest = item.partition(sep)
+        engine = name.strip() if found and name.strip() in engine_names() else ""
+        if engine and engine not in engines:
+            raise InputError(f"'{item}' is for {engine}, which this study does not tune ({', '.join(engines)})",
+                             field=option)
+        out.setdefault(engine, []).append(rest.strip() if engine else item)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from tuner.loadgen.slo import parse_slo
     from tuner.study.tune import TuneOptions, Tuner
@@ -263,10 +281,13 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the directory: {exc.strerror}", file=str(out), field="out") from None
-    try:
-        engine_args = [word for item in args.engine_arg for word in shlex.split(item)]
-    except ValueError as exc:
-        raise InputError(f"{exc} in {args.engine_arg}", field="engine-arg") from None
+    pythons = per_engine(args.engine_python, "=", engines, "engine-python")
+    engine_args: dict[str, list[str]] = {}
+    for engine, items in per_engine(args.engine_arg, ":", engines, "engine-arg").items():
+        try:
+            engine_args[engine] = [word for item in items for word in shlex.split(item)]
+        except ValueError as exc:
+            raise InputError(f"{exc} in {items}", field="engine-arg") from None
     model = args.model
     simulated = is_simulated(engines)
     if simulated:
@@ -281,12 +302,13 @@ def run(args: argparse.Namespace) -> int:
         if not model:
             raise InputError("give --model (path or hub id) or --model-shape", field="model")
         shape = None
-    env = []
-    for item in args.engine_env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InputError(f"expected KEY=VALUE, got '{item}'", field="engine-env")
-        env.append((key, value))
+    env: dict[str, list[tuple[str, str]]] = {}
+    for engine, items in per_engine(args.engine_env, ":", engines, "engine-env").items():
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InputError(f"expected KEY=VALUE, got '{item}'", field="engine-env")
+            env.setdefault(engine, []).append((key, value))
     longest = check_requests(requests, workload, args.max_model_len)
     max_model_len = args.max_model_len or -(-longest // 1024) * 1024
     if shape is not None and max_model_len > shape.max_position:
@@ -316,7 +338,9 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address, host=host, space_path=args.space, fix=args.fix, exclude=args.exclude,
         endpoint=args.endpoint, concurrency=args.concurrency, max_concurrency=args.max_concurrency,
         sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout, cold_start=args.cold_start,
-        engine_python=args.engine_python, engine_args=engine_args, engine_env=env,
+        engine_python=(pythons.get("") or [sys.executable])[-1], engine_args=engine_args.get("", []),
+        engine_env=env.get("", []), engine_pythons={e: p[-1] for e, p in pythons.items() if e},
+        engine_args_by={e: a for e, a in engine_args.items() if e}, engine_env_by={e: v for e, v in env.items() if e},
         vocab_size=shape.vocab_size if shape else 32000, max_model_len=max_model_len, quiet=args.quiet,
         dummy_weights=bool(args.model_shape) and not simulated,
         prune=not args.no_prune, halving=args.halving, eta=args.eta, finalists=finalists, repeats=args.repeats,

@@ -96,6 +96,10 @@ class TuneOptions:
     engine_python: str = sys.executable
     engine_args: list[str] = field(default_factory=list)
     engine_env: list[tuple[str, str]] = field(default_factory=list)
+    # per engine, over the above (vLLM and SGLang seldom share a virtualenv; their flags differ)
+    engine_pythons: dict[str, str] = field(default_factory=dict)
+    engine_args_by: dict[str, list[str]] = field(default_factory=dict)
+    engine_env_by: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     vocab_size: int = 32000
     max_model_len: int | None = None
     dummy_weights: bool = False
@@ -111,6 +115,15 @@ class TuneOptions:
     prescreen: str = "off"  # sim: the calibrated simulator screens proposals (tuner/study/prescreen.py)
     prescreen_keep: float = 0.25  # share of the simulator's predictions that may launch
     selection: dict[str, Any] = field(default_factory=dict)  # how `requests` were sliced from `workload`
+
+    def python_for(self, engine: str) -> str:
+        return sys.executable if get_engine(engine).simulated else self.engine_pythons.get(engine, self.engine_python)
+
+    def args_for(self, engine: str) -> list[str]:
+        return [*self.engine_args, *self.engine_args_by.get(engine, [])]
+
+    def env_for(self, engine: str) -> list[tuple[str, str]]:
+        return [*self.engine_env, *self.engine_env_by.get(engine, [])]
 
 
 def build_spaces(options: TuneOptions) -> dict[str, SearchSpace]:
@@ -204,7 +217,7 @@ class Tuner:
             for note in (fit_to_model(space, model) if model else []) + fit_to_weights(space, options.dummy_weights):
                 self.say(f"note: {note}")
             if not get_engine(engine).simulated:
-                for note in preflight(space, options.engine_python):
+                for note in preflight(space, options.python_for(engine)):
                     self.say(f"note: {note}")
         gpu_spec = get_gpu(options.gpu) if options.gpu else None
         self.context = Context(gpus=options.gpus, gpu=gpu_spec, model=options.shape,
@@ -229,14 +242,15 @@ class Tuner:
         from tuner.engines.probe import drop_unsupported, flags_in, probe_help
 
         adapter = get_engine(engine)
-        help_argv = adapter.help_argv(self.options.engine_python)
+        python = self.options.python_for(engine)
+        help_argv = adapter.help_argv(python)
         if help_argv is None:
-            self.engine_versions[engine] = adapter.version(self.options.engine_python)
+            self.engine_versions[engine] = adapter.version(python)
             return
-        version = adapter.version(self.options.engine_python)
+        version = adapter.version(python)
         if version == "unknown":
-            raise InputError(f"{engine} is not importable by {self.options.engine_python}; install it there "
-                             "or pass --engine-python", field="engine-python")
+            raise InputError(f"{engine} is not importable by {python}; install it there "
+                             f"or pass --engine-python {engine}=PYTHON", field="engine-python")
         self.engine_versions[engine] = version
         for note in drop_unsupported(space, flags_in(probe_help(engine, version, help_argv))):
             self.say(f"note: {note}")
@@ -266,6 +280,7 @@ class Tuner:
                            slo=str(o.slo) if o.slo else "", spaces={e: s.source for e, s in self.spaces.items()},
                            engine_versions=versions, offered_rate=self.offered_rate,
                            engine_args=list(o.engine_args),  # exports drop the machine-specific ones
+                           engine_args_by_engine={e: o.args_for(e) for e in o.engines},
                            selection=dict(o.selection),
                            **({"gpu": o.gpu} if o.gpu else {}))
         recovered = session.recover_interrupted()
@@ -333,7 +348,7 @@ class Tuner:
             if self.options.cold_start or adapter.simulated or not adapter.preload_modules:
                 continue
             try:
-                fork = start_fork_server(self.options.engine_python, adapter.preload_modules,
+                fork = start_fork_server(self.options.python_for(engine), adapter.preload_modules,
                                          self.run_dir / f"fork-server-{engine}.log")
             except OSError as exc:
                 self.say(f"note: {engine} servers start cold: no fork server ({exc})")
@@ -348,8 +363,8 @@ class Tuner:
         o = self.options
         launch = Launch(config=config, model=o.model, baseline=baseline, host=o.host, gpu=o.gpu or "h100",
                         time_scale=o.sim_time_scale,
-                        python=sys.executable if get_engine(engine).simulated else o.engine_python,
-                        extra_args=tuple(o.engine_args), extra_env=tuple(o.engine_env),
+                        python=o.python_for(engine), extra_args=tuple(o.args_for(engine)),
+                        extra_env=tuple(o.env_for(engine)),
                         max_model_len=o.max_model_len, dummy_weights=o.dummy_weights)
         spec = TrialSpec(number=number, engine=engine, space=self.spaces[engine], launch=launch,
                          requests=o.requests, out_dir=self.run_dir.resolve(), endpoint=o.endpoint,
@@ -483,8 +498,7 @@ class Tuner:
 
     def _tags(self, engine: str) -> dict[str, str]:
         if engine not in self.engine_versions:
-            self.engine_versions[engine] = get_engine(engine).version(
-                sys.executable if get_engine(engine).simulated else self.options.engine_python)
+            self.engine_versions[engine] = get_engine(engine).version(self.options.python_for(engine))
         return {"engine_version": self.engine_versions[engine], "gpu": self.options.gpu or "unknown",
                 "gpus": str(self.options.gpus), "trace_sha256": self.options.workload_digest,
                 "model": self.options.model, "simulated": str(get_engine(engine).simulated).lower()}
