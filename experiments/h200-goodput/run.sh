@@ -11,7 +11,8 @@
 #   run.sh holdout fp8      vLLM's defaults with --quantization fp8 (REPEATS=1 is enough to show it serves)
 #   run.sh table            start-up phases of every server, and the hold-out goodput, as markdown
 # PROBE=1 samples a hand-started server's stacks during start-up (probe/; summary: probe/probe_summary.py).
-# ENGINE=sim runs the same logic on the simulator (CPU dry run); TS, TRIALS, BUDGET, SLO, PRESCREEN override the plan;
+# ENGINE=sim runs the same logic on the simulator (CPU dry run); TS, TRIALS, BUDGET, SLO, PRESCREEN, TRAIN, MAXLEN,
+# FINALISTS (0: none) override the plan;
 # EXPORTED=FILE: hold out this shell line instead of `tune export`'s choice.
 set -u
 W=${W:-/tmp/run}
@@ -22,9 +23,9 @@ BUDGET=${BUDGET:-9m}  # the search; the finalist's and the defaults' 3 repeats c
 SLO=${SLO:-ttft_p99=1s,tpot_p99=50ms}  # interactive chat (round 1 of this run used 2 s / 100 ms: see README)
 PRESCREEN=${PRESCREEN:-sim}  # the simulator, calibrated on this H200's earlier runs, screens proposals
 STUDY=${STUDY:-h200-goodput-r4}
-TRAIN=workloads/azure_conv_rows0-399.jsonl
+TRAIN=${TRAIN:-workloads/azure_conv_rows0-399.jsonl}
 HOLDOUT=${HOLDOUT:-workloads/azure_conv_rows17000-17349.jsonl}
-MAXLEN=6144  # both slices fit (longest request 4,176 and 5,346 tokens)
+MAXLEN=${MAXLEN:-6144}  # both slices fit (longest request 4,176 and 5,346 tokens); rows 400-2799 need 9216
 VOCAB=128256  # the 8B stub's vocabulary: prompt token ids are drawn below it
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -50,7 +51,7 @@ study() {
   mkdir -p "$HOME/.cache/servetune/help" && cp tests/fixtures/vllm/vllm-0.26.0-serve-help.txt "$HOME/.cache/servetune/help/vllm-0.26.0.txt"
   python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" > "$W/versions.txt" 2>&1
   setsid nohup python3 -m tuner run --workload "$TRAIN" --time-scale "$TS" --max-model-len "$MAXLEN" \
-    "${ENGINE_FLAGS[@]}" --slo "$SLO" --trials "$TRIALS" --budget "$BUDGET" --finalists 1 --repeats 3 \
+    "${ENGINE_FLAGS[@]}" --slo "$SLO" --trials "$TRIALS" --budget "$BUDGET" --finalists "${FINALISTS:-1}" --repeats 3 \
     --prescreen "$PRESCREEN" --prescreen-keep "${KEEP:-0.1}" \
     --seed 18 --study-name "$STUDY" --out "$W/runs" > "$W/tune.log" 2>&1 < /dev/null &
   echo $! > "$W/tune.pid"
