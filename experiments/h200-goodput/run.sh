@@ -161,5 +161,5 @@ case "${1:-}" in
   stop) stop_study ;;
   holdout) holdout "${2:?tuned, defaults or fp8}" ;;
   table) python3 "$here/phases.py" table "$W" | tee "$W/phases.md" ;;
-  *) sed -n 2,14p "$0"; exit 2 ;;
+  *) sed -n 2,16p "$0"; exit 2 ;;
 esac
