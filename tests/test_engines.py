@@ -210,3 +210,22 @@ def test_every_registered_engine_has_its_space_and_consistent_facts(engine):
     else:
         with pytest.raises(NotImplementedError):
             adapter.container("org/model")
+
+
+def test_an_engine_s_version_comes_from_its_metadata_without_importing_it(tmp_path, monkeypatch):
+    import dataclasses
+    import sys
+
+    site = tmp_path / "site"
+    (site / "slow_engine").mkdir(parents=True)
+    (site / "slow_engine" / "__init__.py").write_text("raise SystemExit('imported')\n")  # as slow as vLLM's
+    info = site / "slow_engine-1.2.3+cpu.dist-info"
+    info.mkdir()
+    info.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: slow-engine\nVersion: 1.2.3+cpu\n")
+    (site / "bare_engine").mkdir()
+    (site / "bare_engine" / "__init__.py").write_text("__version__ = '4.5.6'\n")  # a checkout: no metadata
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    vllm = get_engine("vllm")
+    assert dataclasses.replace(vllm, package="slow_engine").version(sys.executable) == "1.2.3"
+    assert dataclasses.replace(vllm, package="bare_engine").version(sys.executable) == "4.5.6"
+    assert dataclasses.replace(vllm, package="absent_engine").version(sys.executable) == "unknown"
