@@ -105,3 +105,11 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
         if not state["users"]:
             with suppress(ProcessLookupError):
                 os.killpg(state["pid"], signal.SIGKILL)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a `slow` test first, each module's tests kept together and in order: with
+    `--dist worksteal`, a worker that runs out takes tests from the other's queue, so the run ends on short
+    tests instead of one worker finishing a long study alone."""
+    slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow)

