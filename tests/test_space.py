@@ -132,3 +132,20 @@ def test_a_single_choice_is_the_value_sampled_even_when_the_engine_default_diffe
     assert config["max_num_seqs"] == 256
     _, baseline = suggest_config(study.ask(), {"vllm": own}, baseline=True)
     assert baseline["max_num_seqs"] == 1024  # trial 0 runs the engine's own default
+
+
+def test_a_study_of_several_engines_starts_with_each_engine_s_defaults_in_the_order_given():
+    import optuna
+
+    from tuner.study.sampling import every_engines_defaults, suggest_config
+
+    spaces = {"sglang": load_space("sglang"), "vllm": load_space("vllm")}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for params in every_engines_defaults(spaces):
+        study.enqueue_trial(params, user_attrs={"baseline": True})
+    first, second, third = study.ask(), study.ask(), study.ask()
+    assert [t.user_attrs.get("baseline") for t in (first, second, third)] == [True, True, None]
+    assert suggest_config(first, spaces, baseline=True) == ("sglang", spaces["sglang"].defaults())
+    assert suggest_config(second, spaces, baseline=True) == ("vllm", spaces["vllm"].defaults())
+    assert spaces["sglang"].defaults() != spaces["vllm"].defaults()
+    assert every_engines_defaults({"vllm": spaces["vllm"]}) == [{}]  # one engine: no engine parameter

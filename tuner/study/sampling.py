@@ -48,5 +48,11 @@ def suggest_config(trial: optuna.Trial, spaces: dict[str, SearchSpace],
 
 
 def baseline_params(spaces: dict[str, SearchSpace], engine: str) -> dict[str, Any]:
-    """What to enqueue for trial 0: only the engine; its knobs are the defaults (suggest_config)."""
+    """What to enqueue for an engine's defaults: only the engine; its knobs are the defaults (suggest_config)."""
     return {"engine": engine} if len(spaces) > 1 else {}
+
+
+def every_engines_defaults(spaces: dict[str, SearchSpace]) -> list[dict[str, Any]]:
+    """The first trials of a new study, in the order the engines were given: each engine's defaults, so that a
+    study of several engines measures where each starts (the first engine's are the study's baseline)."""
+    return [baseline_params(spaces, engine) for engine in spaces]

@@ -51,7 +51,7 @@ from tuner.study.fidelity import (
 from tuner.study.finals import Finals
 from tuner.study.prescreen import make_prescreen
 from tuner.study.pruning import SloPruner
-from tuner.study.sampling import baseline_params, suggest_config
+from tuner.study.sampling import every_engines_defaults, suggest_config
 from tuner.study.scheduler import MAX_REJECTED_PER_TRIAL, Proposal, Scheduler
 from tuner.study.session import StudySession
 from tuner.workload.request import TraceRequest
@@ -287,8 +287,8 @@ class Tuner:
         if recovered:
             self.say(f"resuming: {recovered} interrupted trial(s) will run again")
         if not study.trials:
-            engine = o.engines[0]
-            study.enqueue_trial(baseline_params(self.spaces, engine), user_attrs={"baseline": True})
+            for params in every_engines_defaults(self.spaces):
+                study.enqueue_trial(params, user_attrs={"baseline": True})
             if o.sampler == "grid":
                 grid = grid_of(self.spaces)
                 points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
