@@ -83,8 +83,8 @@ def front_markdown(result: StudyResult) -> str:
                      *([p.gpus] if several else []),
                      _num(p.value(THROUGHPUT)), *(_num(p.value(m), 1) for m in result.objectives.latency),
                      *(p.config.get(k, "-") for k in knobs)])
-    note = ("*(defaults)* marks an engine's own defaults, measured first; trial 0's (the first engine's) are the "
-            "baseline, shown even when it is not on the front.")
+    note = ("*(defaults)* marks an engine's own defaults, measured first; trial 0, the first engine's defaults, is "
+            "the baseline, shown even when it is not on the front.")
     return md_table(header, rows) + "\n\n" + note
 
 
