@@ -5,8 +5,9 @@ trials: the prescreen changes which configurations launch, and in what order, no
 For each study: the launched trials, the proposals the simulator kept off the GPUs, the GPU time held
 by its trials (launch to teardown, x GPUs, summed: the finalists' re-measurements are left out on both
 sides), its best goodput, and the GPU time until its best-so-far goodput first came within TOLERANCE of
-the other study's best. "Same goodput" means within TOLERANCE (default 5 %, about one run's noise on
-the H200; the finalists' confidence intervals say more where both studies have them).
+the other study's best; then both studies' best-so-far after each launch. "Same goodput" means within
+TOLERANCE (default 5 %, about one run's noise on the H200; the finalists' confidence intervals say more where
+both studies have them).
 
     python experiments/benchmarks/prescreen_ab.py STORE STUDY_WITH STUDY_WITHOUT [--tolerance 0.05]
 """
@@ -55,6 +56,15 @@ def gpu_s_to_reach(trials: list[Run], target: float) -> float | None:
     return None
 
 
+def best_so_far(trials: list[Run]) -> list[tuple[float, float]]:
+    """After each launch: (GPU-s held so far, best goodput so far)."""
+    out, held, best = [], 0.0, 0.0
+    for run in trials:
+        held, best = held + run.gpu_s, max(best, run.goodput)
+        out.append((held, best))
+    return out
+
+
 def main(argv: list[str]) -> int:
     tolerance = 0.05
     if "--tolerance" in argv:
@@ -74,6 +84,11 @@ def main(argv: list[str]) -> int:
         held = sum(r.gpu_s for r in trials)
         print(f"| {name} | {len(trials)} | {screened} | {held / 60:.1f} | {best[name]:.2f} | "
               f"{'never' if reach[name] is None else f'{reach[name] / 60:.1f}'} |")
+    curves = {name: best_so_far(trials) for name, (trials, _) in studies.items()}
+    print(f"\n| launches | {with_name}: best req/s (GPU-min) | {without_name}: best req/s (GPU-min) |\n|---|---|---|")
+    for k in range(max(len(c) for c in curves.values())):
+        cells = [f"{c[k][1]:.2f} ({c[k][0] / 60:.1f})" if k < len(c) else "" for c in curves.values()]
+        print(f"| {k + 1} | {cells[0]} | {cells[1]} |")
     mine, theirs = reach[with_name], gpu_s_to_reach(studies[without_name][0], (1 - tolerance) * best[without_name])
     if mine is None:
         print(f"\n{with_name} never came within {tolerance:.0%} of {without_name}'s best: proof 4 not shown")
