@@ -141,6 +141,11 @@ class Finished:
     node_id: str | None = None
     reaped: list[int] = field(default_factory=list)  # leftover server pids killed after a loss
 
+    @property
+    def node(self) -> str:
+        """The node the trial ran on: as reported with the outcome, else where it was placed; "" if unknown."""
+        return self.node_id or (self.placement.node_id if self.placement else "")
+
 
 @dataclass
 class _Running:

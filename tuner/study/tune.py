@@ -644,7 +644,7 @@ class Tuner:
         """Where and when the trial ran (record fields, and a span of this campaign's schedule)."""
         spec, where = finished.spec, finished.placement
         gpus = gpus_needed(spec.launch.config)
-        attrs: dict[str, Any] = {"gpus": gpus, "node": finished.node_id or (where.node_id if where else "")}
+        attrs: dict[str, Any] = {"gpus": gpus, "node": finished.node}
         if where is not None:
             attrs.update(gpu_ids=list(where.gpu_ids), cuda_visible_devices=where.cuda_visible_devices,
                          nvlink=where.nvlink)
@@ -659,9 +659,8 @@ class Tuner:
         if outcome is None:
             return None
         measure_s = (outcome.summary.get("duration_s") or 0.0) / get_engine(spec.engine).clock_scale(spec.launch)
-        node = finished.node_id or (where.node_id if where else "")
         span = TrialSpan(number=spec.number, gpus=gpus_needed(spec.launch.config),
-                         gpu_ids=where.gpu_ids if where else (), node_id=node,
+                         gpu_ids=where.gpu_ids if where else (), node_id=finished.node,
                          started_at=outcome.started_at, ready_s=outcome.ready_s, measure_s=measure_s,
                          ended_at=outcome.ended_at, ok=outcome.ok, label=spec.label)
         self.campaign.spans.append(span)
