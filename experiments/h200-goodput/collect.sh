@@ -5,6 +5,7 @@
 set -u
 W=${W:-/tmp/run}; OUT=${OUT:?set OUT}; STUDY=${STUDY:-h200-goodput-r4}
 here=$(cd "$(dirname "$0")" && pwd)
+du -sm "${VLLM_CACHE_ROOT:-$HOME/.cache/servetune/vllm-compile}"/torch_compile_cache/* > "$W/compile-cache-du.txt" 2>&1
 [ -f "$W/phases.md" ] || bash "$here/run.sh" table > /dev/null
 cp "$W/runs/optuna.db" "$W/runs/mlflow.db" "$W/runs/$STUDY/report.md" "$W/runs/$STUDY/pareto.png" \
    "$W/phases.md" "$W/tune.log" "$OUT/" 2>&1

@@ -2,6 +2,8 @@
 # ON THE H200 (no network), in the project root, after .gpu/install.sh: "tuning pays" (issue #18, proof 1)
 # with the product's own `tune` on real vLLM 0.26.0, an MLflow store on the machine (proof 5) and each
 # server's start-up phases. Work and results go to $W (/tmp/run). Stages, one or more per device call:
+#   run.sh warm             vLLM's defaults once (a one-trial study, 40 rows, in the foreground): the compile cache
+#                           then holds them, as on a machine that served them before, for both studies of proof 4
 #   run.sh study            start the study detached (setsid; log $W/tune.log) and return
 #   run.sh wait SECONDS     follow the study until it ends or SECONDS pass (exit 0: ended, 3: still running)
 #   run.sh first SECONDS    wait for the first trial's result (vLLM's defaults) and say if they miss the SLO
@@ -56,6 +58,17 @@ study() {
     --seed 18 --study-name "$STUDY" --out "$W/runs" > "$W/tune.log" 2>&1 < /dev/null &
   echo $! > "$W/tune.pid"
   echo "study started (pid $(cat "$W/tune.pid")), log $W/tune.log"
+}
+
+warm() {
+  mkdir -p "$HOME/.cache/servetune/help" && cp tests/fixtures/vllm/vllm-0.26.0-serve-help.txt "$HOME/.cache/servetune/help/vllm-0.26.0.txt"
+  local t0; t0=$(date +%s)
+  python3 -m tuner run --workload "$TRAIN" --rows 40 --time-scale "$TS" --max-model-len "$MAXLEN" \
+    "${ENGINE_FLAGS[@]}" --slo "$SLO" --trials 1 --finalists 0 --prescreen off \
+    --seed 18 --study-name warm-cache --out "$W/runs" > "$W/warm.log" 2>&1 < /dev/null
+  local rc=$?
+  grep -E '^\[1/' "$W/warm.log"; echo "warm-up: exit $rc after $(( $(date +%s) - t0 )) s"
+  du -sm "$VLLM_CACHE_ROOT"/torch_compile_cache/* 2>/dev/null
 }
 
 wait_study() {
@@ -155,6 +168,7 @@ holdout() {
 }
 
 case "${1:-}" in
+  warm) warm ;;
   study) study ;;
   wait) wait_study "${2:-540}" ;;
   first) first_trial "${2:-300}" ;;
