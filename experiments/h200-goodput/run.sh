@@ -71,14 +71,27 @@ warm() {
   du -sm "$VLLM_CACHE_ROOT"/torch_compile_cache/* 2>/dev/null
 }
 
+snapshot() {  # the stores and the log so far into $OUT, so every call brings them back: a machine lost between
+  # calls (round 6: it idled out while the next call was late) takes only what came after the last call with it
+  [ -n "${OUT:-}" ] || return 0
+  for f in "$W/runs/optuna.db" "$W/runs/mlflow.db"; do  # sqlite's backup: consistent while the study writes
+    [ -f "$f" ] && python3 -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))' \
+      "$f" "$OUT/$(basename "$f")"
+  done
+  for f in "$W/tune.log" "$W/warm.log"; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  for f in "$W"/tune-*.log; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  return 0
+}
+
 wait_study() {
   [ -f "$W/tune.pid" ] || { echo "no study started in $W"; return 2; }
   local until=$(( $(date +%s) + ${1:-540} ))
   while kill -0 "$(cat "$W/tune.pid")" 2>/dev/null; do
-    if [ "$(date +%s)" -ge "$until" ]; then tail -n 15 "$W/tune.log"; echo "STILL RUNNING"; return 3; fi
+    if [ "$(date +%s)" -ge "$until" ]; then tail -n 15 "$W/tune.log"; echo "STILL RUNNING"; snapshot; return 3; fi
     sleep 5
   done
   tail -n 60 "$W/tune.log"; echo "STUDY ENDED"
+  cp "$W/tune.log" "$W/tune-$STUDY.log"; snapshot
 }
 
 first_trial() {  # until the first trial (vLLM's defaults) has a result: is the load right for proof 1?
