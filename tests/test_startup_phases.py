@@ -1,4 +1,4 @@
-"""Start-up phases read from vLLM's own log lines, and the fast-start flags and environment of a trial."""
+"""Start-up phases read from vLLM's and SGLang's own log lines, and the fast-start flags and environment of a trial."""
 
 from __future__ import annotations
 
@@ -47,6 +47,35 @@ def test_a_real_cpu_start_up_without_compile_or_graphs_has_only_the_phases_it_pr
     assert phases["import"] == 6.0 and phases["kv_profile"] == 0.10
     assert phases["api_up"] == pytest.approx(launched + 14.0 - _epoch("11-22 20:11:39"))
     assert phases["other"] >= 0 and phases["ready"] == 14.0
+
+
+def _sglang_epoch(text: str) -> float:  # "2026-12-02 11:13:42", local time as SGLang logs it
+    return time.mktime(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
+
+
+def test_sglang_0_5_17_h200_start_up_broken_into_phases():
+    # SGLang 0.5.17 on the H200 (round 6), the load's request lines left out: its prefill CUDA graphs are most of it
+    log = (FIXTURES.parent / "sglang" / "startup-0.5.17-h200.log").read_text()
+    launched = _sglang_epoch("2026-12-02 11:13:20")
+    ready_s = _sglang_epoch("2026-12-02 11:15:38") - launched  # /health answered after its first prefill
+    phases = parse_startup(log, get_engine("sglang").startup_patterns(), launched, ready_s).to_dict()
+    assert list(phases) == ["import", "model_load", "kv_cache", "prefill_graphs", "cuda_graphs", "api_up",
+                            "other", "ready"]
+    assert phases["import"] == 22.0  # launch to the first stamped line (11:13:42)
+    assert phases["model_load"] == 0.24 and phases["kv_cache"] == 0.04
+    assert phases["prefill_graphs"] == 68.52 and phases["cuda_graphs"] == 6.06
+    assert phases["api_up"] == 11.0  # "max_total_num_tokens=" (11:15:27) to ready
+    assert phases["other"] == pytest.approx(138 - 22 - 0.24 - 0.04 - 68.52 - 6.06 - 11, abs=0.01)
+    assert sum(v for k, v in phases.items() if k != "ready") == pytest.approx(ready_s, abs=0.05)
+
+
+def test_sglang_h100_start_up_reads_the_same_lines():
+    log = (FIXTURES.parent / "sglang" / "ok-h100-startup.log").read_text()
+    launched = _sglang_epoch("2026-11-22 23:29:15")
+    phases = parse_startup(log, get_engine("sglang").startup_patterns(), launched, 100.0).to_dict()
+    assert phases["prefill_graphs"] == 47.32 and phases["cuda_graphs"] == 5.81 and phases["model_load"] == 0.26
+    assert phases["import"] == 6.0 and phases["api_up"] == pytest.approx(launched + 100 - _sglang_epoch(
+        "2026-11-22 23:30:52"))
 
 
 def test_engines_without_patterns_and_failed_starts_record_nothing_made_up():

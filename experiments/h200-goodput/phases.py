@@ -22,7 +22,8 @@ from tuner.models.stub import stub_model_dir
 from tuner.runner.forkserver import MARKER
 from tuner.space.knobs import load_space
 
-PHASES = ["import", "model_load", "torch_compile", "kv_profile", "cuda_graphs", "api_up", "other", "ready"]
+PHASES = ["import", "model_load", "torch_compile", "kv_profile", "kv_cache", "prefill_graphs", "cuda_graphs", "api_up",
+          "other", "ready"]  # kv_cache, prefill_graphs: SGLang's
 
 
 def exported_argv(path: str) -> list[str]:

@@ -57,6 +57,11 @@ class SglangEngine(Engine):
     def help_argv(self, python: str) -> list[str]:
         return [python, "-m", "sglang.launch_server", "--help"]
 
+    def startup_patterns(self):  # the StartupPatterns of SGLang 0.5.17's log
+        from tuner.engines.sglang_startup import PATTERNS
+
+        return PATTERNS
+
     def connection_args(self, launch: Launch) -> list[str]:
         args = super().connection_args(launch)
         # SGLang reads no key from the environment; `--config FILE` merges a YAML file's options (0600 here)
