@@ -156,6 +156,24 @@ def test_engine_options_can_name_one_engine_of_the_study():
     assert options.python_for("sglang") == "/venvs/sglang/py" and options.python_for("vllm") == sys.executable
 
 
+def test_a_knob_can_be_held_for_one_engine_of_the_study():
+    from tuner.study.cli import per_engine
+    from tuner.study.tune import TuneOptions, build_spaces
+
+    engines = ["vllm", "sglang"]
+    fixes = per_engine(["sglang:attention_backend=triton", "max_num_seqs=64"], ":", engines, "fix")
+    assert fixes == {"sglang": ["attention_backend=triton"], "": ["max_num_seqs=64"]}
+    options = TuneOptions(workload=Path("w"), requests=[], workload_digest="", engines=engines, model="m", shape=None,
+                          gpus=1, gpu=None, fix=fixes[""], fix_by={"sglang": fixes["sglang"]})
+    spaces = build_spaces(options)
+    assert spaces["sglang"].knobs["attention_backend"].choices == ("triton",)
+    assert len(spaces["vllm"].knobs["attention_backend"].choices) > 1  # vLLM's backends are still searched
+    assert all(space.knobs["max_num_seqs"].fixed_value == 64 for space in spaces.values())
+    with pytest.raises(InputError, match="triton"):  # a value the other engine does not have: the error names it
+        build_spaces(TuneOptions(workload=Path("w"), requests=[], workload_digest="", engines=engines, model="m",
+                                 shape=None, gpus=1, gpu=None, fix=["attention_backend=triton"]))
+
+
 def test_each_engine_of_a_study_is_probed_with_its_own_python(tmp_path, capsys):
     workload = tmp_path / "w.jsonl"
     workload.write_text('{"arrival_s": 0, "input_tokens": 8, "output_tokens": 4}\n')

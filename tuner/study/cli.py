@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="grid: every combination of discrete knobs, in random order")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--space", default=None, help="your own search-space YAML")
-    s.add_argument("--fix", action="append", default=[], help="KNOB=VALUE held fixed (repeat)")
+    s.add_argument("--fix", action="append", default=[],
+                   help="KNOB=VALUE held fixed (repeat); ENGINE:KNOB=VALUE for one engine of several")
     s.add_argument("--exclude", action="append", default=[],
                    help="knob or group held at default (repeat); output-changing: only settings that keep the "
                         "model's outputs (no weight quantization, no fp8 KV cache, no lossy speculation)")
@@ -282,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise InputError(f"cannot create the directory: {exc.strerror}", file=str(out), field="out") from None
     pythons = per_engine(args.engine_python, "=", engines, "engine-python")
+    fixes = per_engine(args.fix, ":", engines, "fix")
     engine_args: dict[str, list[str]] = {}
     for engine, items in per_engine(args.engine_arg, ":", engines, "engine-arg").items():
         try:
@@ -335,7 +337,8 @@ def run(args: argparse.Namespace) -> int:
         study_name=study_name, storage=storage_url,
         out_dir=out, mlflow_uri=None if args.no_mlflow else (args.mlflow_uri or
                                                               f"sqlite:///{(out / 'mlflow.db').resolve()}"),
-        ray_address=args.ray_address, host=host, space_path=args.space, fix=args.fix, exclude=args.exclude,
+        ray_address=args.ray_address, host=host, space_path=args.space, fix=fixes.get("", []),
+        fix_by={e: f for e, f in fixes.items() if e}, exclude=args.exclude,
         endpoint=args.endpoint, concurrency=args.concurrency, max_concurrency=args.max_concurrency,
         sim_time_scale=args.sim_time_scale, startup_timeout_s=args.startup_timeout, cold_start=args.cold_start,
         engine_python=(pythons.get("") or [sys.executable])[-1], engine_args=engine_args.get("", []),

@@ -86,6 +86,7 @@ class TuneOptions:
     host: str = "127.0.0.1"  # the address trial servers bind
     space_path: str | None = None
     fix: list[str] = field(default_factory=list)
+    fix_by: dict[str, list[str]] = field(default_factory=dict)  # engine -> KNOB=VALUE held for that engine only
     exclude: list[str] = field(default_factory=list)
     endpoint: str = "completions"
     concurrency: int | None = None
@@ -130,7 +131,7 @@ def build_spaces(options: TuneOptions) -> dict[str, SearchSpace]:
     spaces = {}
     for engine in options.engines:
         space = load_space(options.space_path if options.space_path and len(options.engines) == 1 else engine)
-        for item in options.fix:
+        for item in [*options.fix, *options.fix_by.get(engine, [])]:
             name, sep, value = item.partition("=")
             if not sep:
                 raise InputError(f"expected KNOB=VALUE, got '{item}'", file="--fix")
