@@ -9,6 +9,8 @@ du -sm "${VLLM_CACHE_ROOT:-$HOME/.cache/servetune/vllm-compile}"/torch_compile_c
 [ -f "$W/phases.md" ] || bash "$here/run.sh" table > /dev/null
 cp "$W/runs/optuna.db" "$W/runs/mlflow.db" "$W/runs/$STUDY/report.md" "$W/runs/$STUDY/pareto.png" \
    "$W/phases.md" "$W/tune.log" "$OUT/" 2>&1
+# SGLang's JIT kernels built on this machine (sm_90a): stage-sglang.sh carries them prebuilt next time
+[ -d /tmp/tvm-ffi-cache ] && tar -C /tmp -czf "$OUT/tvm-ffi-cache.tar.gz" tvm-ffi-cache
 tar -C "$W" --exclude='optuna.db' --exclude='mlflow.db' --exclude='*.pid' -czf "$OUT/results.tar.gz" .
 ls -l "$OUT"
 big=$(find "$OUT" -type f -size +16M); [ -z "$big" ] || { echo "over 16 MiB, will not come back: $big"; exit 1; }

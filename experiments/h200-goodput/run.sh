@@ -4,6 +4,7 @@
 # server's start-up phases. Work and results go to $W (/tmp/run). Stages, one or more per device call:
 #   run.sh warm             vLLM's defaults once (a one-trial study, 40 rows, in the foreground): the compile cache
 #                           then holds them, as on a machine that served them before, for both studies of proof 4
+#   run.sh sglang-python    write /tmp/py-sglang, SGLang's interpreter for ENGINE=vllm,sglang (proof 3)
 #   run.sh study            start the study detached (setsid; log $W/tune.log) and return
 #   run.sh wait SECONDS     follow the study until it ends or SECONDS pass (exit 0: ended, 3: still running)
 #   run.sh first SECONDS    wait for the first trial's result (vLLM's defaults) and say if they miss the SLO
@@ -37,6 +38,11 @@ export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$HOME/.cache/servetune/vllm-compile}
 mkdir -p "$W"
 if [ "$ENGINE" = sim ]; then
   ENGINE_FLAGS=(--engine sim --gpu h200 --model-shape llama-3.1-8b --sim-time-scale "${SIM_SCALE:-10}")
+elif [ "$ENGINE" = vllm,sglang ]; then  # proof 3: each engine in its own site (run.sh sglang-python writes the wrapper)
+  ENGINE_FLAGS=(--engine vllm,sglang --engine-python vllm=python3 --engine-python sglang=/tmp/py-sglang
+                --model-shape llama-3.1-8b --gpus 1 --engine-env vllm:VLLM_USE_FLASHINFER_SAMPLER=0
+                --fix sglang:attention_backend=triton --engine-arg 'sglang:--sampling-backend pytorch'
+                --startup-timeout 400)
 else
   ENGINE_FLAGS=(--engine vllm --engine-python python3 --model-shape llama-3.1-8b --gpus 1
                 --engine-env VLLM_USE_FLASHINFER_SAMPLER=0 --startup-timeout 400)
@@ -58,6 +64,20 @@ study() {
     --seed 18 --study-name "$STUDY" --out "$W/runs" > "$W/tune.log" 2>&1 < /dev/null &
   echo $! > "$W/tune.pid"
   echo "study started (pid $(cat "$W/tune.pid")), log $W/tune.log"
+}
+
+sglang_python() {  # after `SGL_PARTS=/tmp/sglparts bash .gpu-sglang/up-sglang.sh` (install): SGLang's interpreter
+  # with up-sglang.sh's environment, for `--engine-python sglang=/tmp/py-sglang` (its own site, not vLLM's)
+  cat > /tmp/py-sglang <<'PY'
+#!/bin/bash
+export PYTHONPATH=/tmp/sglsite PATH=/tmp/sglsite/bin:$PATH CUDA_HOME=/tmp/cuda13 TVM_FFI_CACHE_DIR=/tmp/tvm-ffi-cache \
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 SGLANG_IS_FLASHINFER_AVAILABLE=false
+exec python3 "$@"
+PY
+  chmod +x /tmp/py-sglang
+  /tmp/py-sglang -c 'import sglang; print("sglang", sglang.__version__)' || return 1
+  mkdir -p "$HOME/.cache/servetune/help"
+  cp tests/fixtures/sglang/sglang-0.5.17-launch-server-help.txt "$HOME/.cache/servetune/help/sglang-0.5.17.txt"
 }
 
 warm() {
@@ -182,6 +202,7 @@ holdout() {
 
 case "${1:-}" in
   warm) warm ;;
+  sglang-python) sglang_python ;;
   study) study ;;
   wait) wait_study "${2:-540}" ;;
   first) first_trial "${2:-300}" ;;
