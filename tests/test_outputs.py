@@ -102,3 +102,33 @@ def test_schedule_after_a_resume_shows_the_earlier_runs_trials(tmp_path):
     assert [s.ok for s in everything.spans] == [True, False, True] and everything.spans[0].ready_s == 10.0
     assert with_earlier_trials(now, []) is now
     assert gantt_png(everything, tmp_path / "schedule.png", "t").stat().st_size > 5_000
+
+
+def test_a_best_of_another_engine_is_also_compared_with_its_own_engine_s_defaults():
+    from collections import Counter
+
+    from tuner.report.importance import Importances
+    from tuner.report.markdown import best_vs_baseline, console_text
+    from tuner.report.results import StudyResult
+
+    def point(number: int, engine: str, tok_s: float, baseline: bool) -> Point:
+        return Point(number=number, engine=engine, config={}, command=[engine, "serve"], feasible=True,
+                     summary={"output_throughput": tok_s, "p99_ttft_ms": 300, "p99_tpot_ms": 30}, baseline=baseline)
+
+    points = [point(0, "vllm", 900, True), point(1, "sglang", 1000, True), point(2, "sglang", 1500, False)]
+    result = StudyResult(name="t", engines=["vllm", "sglang"], model="m", gpu="?", gpus=1, workload="w",
+                         workload_digest="", objectives=Objectives(), slo=None, slo_source="none", points=points,
+                         front=points[2:], baseline=points[0], best=points[2], goodput={}, issues=[],
+                         rejected=Counter(), running=0)
+    assert result.own_defaults() is points[1]
+    table = best_vs_baseline(result)
+    header = next(line for line in table.splitlines() if line.startswith("| metric"))
+    assert "vllm defaults (trial 0)" in header and "sglang defaults (trial 1)" in header
+    assert "best / vllm defaults" in header and "best / sglang defaults" in header
+    throughput = next(line for line in table.splitlines() if line.startswith("| output_throughput"))
+    assert "×1.67" in throughput and "×1.50" in throughput  # 1500 / 900 and 1500 / 1000
+    assert "×1.67 vs vllm's defaults (trial 0), ×1.50 vs sglang's own (trial 1)" in console_text(
+        result, Importances(target="output_throughput"))
+    one_engine = StudyResult(**{**result.__dict__, "points": [points[1], points[2]], "baseline": points[1],
+                                "engines": ["sglang"]})
+    assert one_engine.own_defaults() is None and "best / defaults" in best_vs_baseline(one_engine)

@@ -85,6 +85,8 @@ def front_markdown(result: StudyResult) -> str:
                      *(p.config.get(k, "-") for k in knobs)])
     note = ("*(defaults)* marks an engine's own defaults, measured first; trial 0, the first engine's defaults, is "
             "the baseline, shown even when it is not on the front.")
+    if len(result.engines) > 1:
+        note += " A best of another engine is also compared with its own engine's defaults below."
     return md_table(header, rows) + "\n\n" + note
 
 
@@ -97,14 +99,18 @@ def best_vs_baseline(result: StudyResult) -> str:
         lines += ["", *(f"- {line}" for line in result.recommendation.lines()[1:])]
     if base is None:
         return "\n".join(lines + ["", "The defaults baseline did not complete, so there is nothing to compare with."])
-    ratios = result.ratios()
-    rows = [[f"{m} ({metric_of(m).unit})", _num(base.value(m), 1), _num(best.value(m), 1),
-             f"×{ratios[m]:.2f}" if m in ratios else "-"] for m in result.objectives.names]
+    own = result.own_defaults()  # a study of several engines whose best is not the baseline's engine
+    compared = [base] if own is None else [base, own]
+    ratios = [result.ratios(point) for point in compared]
+    rows = [[f"{m} ({metric_of(m).unit})", *(_num(p.value(m), 1) for p in compared), _num(best.value(m), 1),
+             *(f"×{r[m]:.2f}" if m in r else "-" for r in ratios)] for m in result.objectives.names]
     if "goodput" not in result.objectives.names:
-        rows.append(["goodput (req/s)", _goodput(result, base), _goodput(result, best),
-                     f"×{ratios['goodput']:.2f}" if "goodput" in ratios else "-"])
-    return "\n".join(lines + ["", md_table(["metric", f"defaults (trial {base.number})", f"best (trial {best.number})",
-                                            "best / defaults"], rows)])
+        rows.append(["goodput (req/s)", *(_goodput(result, p) for p in compared), _goodput(result, best),
+                     *(f"×{r['goodput']:.2f}" if "goodput" in r else "-" for r in ratios)])
+    named = [f"{p.engine} defaults" if own else "defaults" for p in compared]
+    header = ["metric", *(f"{name} (trial {p.number})" for name, p in zip(named, compared)),
+              f"best (trial {best.number})", *(f"best / {name}" for name in named)]
+    return "\n".join(lines + ["", md_table(header, rows)])
 
 
 def goodput_section(result: StudyResult, top: int = 10) -> str:
@@ -216,7 +222,12 @@ def console_text(result: StudyResult, importances: Importances) -> str:
             lines += [f"  {line}" for line in result.recommendation.lines()]
         ratio = result.ratios().get(THROUGHPUT)
         if ratio is not None and result.baseline is not None:
-            lines.append(f"  throughput ×{ratio:.2f} vs the engine's defaults (trial {result.baseline.number})")
+            text = f"  throughput ×{ratio:.2f} vs {result.baseline.engine}'s defaults (trial {result.baseline.number})"
+            own = result.own_defaults()
+            own_ratio = result.ratios(own).get(THROUGHPUT) if own is not None else None
+            if own is not None and own_ratio is not None:
+                text += f", ×{own_ratio:.2f} vs {own.engine}'s own (trial {own.number})"
+            lines.append(text)
     if importances.ok:
         top = ", ".join(f"{k} {v:.2f}" for k, v in list(importances.values.items())[:3])
         lines += ["", f"knobs that mattered most for {importances.target}: {top}"]

@@ -102,16 +102,28 @@ class StudyResult:
         scored = [(p, g) for p in self.points if (g := self.goodput.get(p.number)) is not None]
         return max(scored, key=lambda item: item[1]) if scored else None
 
-    def ratios(self) -> dict[str, float]:
-        """best / defaults for throughput, each latency objective and goodput (where both exist)."""
-        if self.best is None or self.baseline is None:
+    def defaults_of(self, engine: str) -> Point | None:
+        """That engine's own defaults, where the study measured them (each engine's, in a study of several)."""
+        return next((p for p in self.points if p.baseline and p.engine == engine), None)
+
+    def own_defaults(self) -> Point | None:
+        """The best point's own engine's defaults, where that engine is not the baseline's (a study of several)."""
+        if self.best is None or self.baseline is None or self.best.engine == self.baseline.engine:
+            return None
+        return self.defaults_of(self.best.engine)
+
+    def ratios(self, against: Point | None = None) -> dict[str, float]:
+        """best / defaults (the baseline, or `against`) for throughput, each latency objective and goodput (where
+        both exist)."""
+        base_point = against or self.baseline
+        if self.best is None or base_point is None:
             return {}
         out = {}
         for metric in self.objectives.names:
-            base = self.baseline.value(metric)
+            base = base_point.value(metric)
             if base:
                 out[metric] = self.best.value(metric) / base
-        good_best, good_base = self.goodput.get(self.best.number), self.goodput.get(self.baseline.number)
+        good_best, good_base = self.goodput.get(self.best.number), self.goodput.get(base_point.number)
         if good_best is not None and good_base:
             out["goodput"] = good_best / good_base
         return out
