@@ -127,6 +127,19 @@ def test_the_defaults_baseline_carries_no_tuned_flag_but_shares_the_compile_cach
     assert "VLLM_ENABLE_STARTUP_PLAN" not in spec.env
 
 
+def test_every_configuration_shares_one_triton_kernel_cache(monkeypatch, tmp_path):
+    # vLLM 0.26's AOT compile points torch's caches (Triton's kernels included) into a folder per compile key
+    monkeypatch.setenv("SERVETUNE_CACHE", str(tmp_path))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    defaults, _ = _vllm_spec({}, baseline=True)
+    small, _ = _vllm_spec({"max_num_batched_tokens": 2048})
+    large, _ = _vllm_spec({"max_num_batched_tokens": 5729, "quantization": "fp8"})
+    assert defaults.env["TRITON_CACHE_DIR"] == small.env["TRITON_CACHE_DIR"] == large.env["TRITON_CACHE_DIR"] == \
+        str(tmp_path / "triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/scratch/triton")
+    assert "TRITON_CACHE_DIR" not in _vllm_spec({})[0].env  # the server inherits the user's own
+
+
 def test_a_cache_place_the_user_chose_is_kept(monkeypatch):
     monkeypatch.setenv("VLLM_CACHE_ROOT", "/scratch/vllm")
     spec, _ = _vllm_spec({})

@@ -35,6 +35,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH=${SITE:-/tmp/site}:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 # the hand-started servers share the study's compile cache (tuner/engines/vllm_startup.py)
 export VLLM_CACHE_ROOT=${VLLM_CACHE_ROOT:-$HOME/.cache/servetune/vllm-compile}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.cache/servetune/triton}
 mkdir -p "$W"
 if [ "$ENGINE" = sim ]; then
   ENGINE_FLAGS=(--engine sim --gpu h200 --model-shape llama-3.1-8b --sim-time-scale "${SIM_SCALE:-10}")

@@ -1,5 +1,6 @@
 """vLLM's start-up, for its adapter: the log lines of each start-up phase, and what shortens a start
-(a shared compile cache, CUDA graphs captured only up to the batch sizes a trial can reach)."""
+(a shared compile cache and Triton kernel cache, CUDA graphs captured only up to the batch sizes a trial can
+reach)."""
 
 from __future__ import annotations
 
@@ -65,8 +66,17 @@ def capture_cap_args(launch: Launch, flags: list[str]) -> list[str]:
 
 
 def fast_start_env(env: dict[str, str]) -> dict[str, str]:
-    """One compile cache for every trial and study on the machine, unless the user chose a place; the engine
-    core forked from the API server, unless the user chose a start method.
+    """One compile cache for every trial and study on the machine, unless the user chose a place; one Triton
+    kernel cache for every configuration; the engine core forked from the API server, unless the user chose a
+    start method.
+
+    vLLM keys its compile cache by everything that shapes the graph (`max_num_batched_tokens` and the CUDA-graph
+    sizes included), and with AOT compile (0.26's default) points TORCHINDUCTOR_CACHE_DIR into that key's folder,
+    where torch then keeps Triton's compiled kernels too (`triton_cache_dir`: TRITON_CACHE_DIR, else
+    `<inductor cache>/triton`). So a configuration that differs from an earlier one in batched tokens alone
+    compiled every kernel again. Triton's cache is keyed by each kernel's source and options, so one folder for
+    all configurations serves each the kernels it would have compiled, no others. TRITON_CACHE_DIR is not in
+    vLLM's compile-cache key.
 
     `vllm serve` sets VLLM_WORKER_MULTIPROC_METHOD=spawn when it is unset (`cli_env_setup`), so its engine core
     process imported vLLM and torch again: 16-18 s of every start on the H200, forked servers included (stack
@@ -80,6 +90,8 @@ def fast_start_env(env: dict[str, str]) -> dict[str, str]:
     out = dict(env)
     if "VLLM_CACHE_ROOT" not in out and "VLLM_CACHE_ROOT" not in os.environ:
         out["VLLM_CACHE_ROOT"] = str(cache_root() / "vllm-compile")
+    if "TRITON_CACHE_DIR" not in out and "TRITON_CACHE_DIR" not in os.environ:
+        out["TRITON_CACHE_DIR"] = str(cache_root() / "triton")
     if "VLLM_WORKER_MULTIPROC_METHOD" not in out and "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ:
         out["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
     return out
