@@ -72,3 +72,23 @@ def test_a_goodput_studys_report_names_its_objective_and_units(tmp_path: Path):
     report = next(tmp_path.rglob("report.md")).read_text()
     assert "| objectives | goodput (max) |" in report
     assert "| goodput (req/s) | 5.1 | 35.9 | ×7.05 |" in report and "goodput (ms)" not in report
+
+
+def test_a_report_shows_each_server_s_start_up_phases_and_the_gpu_time_measuring(tmp_path: Path):
+    from tuner.report.write import write_study_report
+
+    store = EXPERIMENTS / "h200-goodput" / "results-r5" / "optuna.db"  # three vLLM servers on the H200, round 5
+    study = optuna.load_study(study_name="r5-with-rows0", storage=f"sqlite:///{store}")
+    (tmp_path / "campaign.json").write_text('{"gpus": 1, "held_gpu_s": 600.0, "measuring_gpu_s": 90.0, '
+                                            '"utilisation": 0.15, "spans": []}')
+    report = write_study_report(study, tmp_path / "out", run_dir=tmp_path).files[0].read_text()
+    section = report.split("## Start-up and GPU time")[1].split("\n## ")[0]
+    assert "**median 89.8 s** over 3 server(s), 64.5-94.3 s" in section
+    header = next(line for line in section.splitlines() if line.startswith("| trial"))
+    assert header.split("|")[4:6] == [" import ", " model_load "] and " torch_compile " in header
+    assert "| 1 | vllm | yes | 0.0 | 3.2 | 56.8 | 23.5 |" in section  # trial 1 as its record holds it
+    assert "| median |  |  | 0.0 | 3.2 | 55.3 | 23.5 | 5.0 | 2.5 | 3.3 | 89.8 |" in section
+    assert "measuring / held **0.15** (90 of 600 GPU-s held on 1 GPU(s)" in section
+    (tmp_path / "campaign.json").unlink()
+    again = write_study_report(study, tmp_path / "again", run_dir=tmp_path).files[0].read_text()
+    assert "measuring / held" not in again and "**median 89.8 s**" in again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 
@@ -13,6 +14,7 @@ from tuner.records.pareto import Point, front_table
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.report.importance import Importances
 from tuner.report.results import STOPPED, StudyResult
+from tuner.report.startup import median_phase
 from tuner.tracking.plots import NO_PNG
 
 SIMULATED_NOTE = ("> **SIMULATED**: these figures come from servetune's performance model of the GPU, not from a "
@@ -179,6 +181,33 @@ def issues_section(result: StudyResult) -> str:
     return "\n\n".join(parts)
 
 
+def startup_section(result: StudyResult) -> str:
+    rows, campaign, parts = result.startup, result.campaign, []
+    if rows:
+        ready = statistics.median(row.ready_s for row in rows)
+        parts.append(f"Ready (launch to the first healthy answer): **median {ready:.1f} s** over {len(rows)} "
+                     f"server(s), {min(r.ready_s for r in rows):.1f}-{max(r.ready_s for r in rows):.1f} s.")
+        names = list(dict.fromkeys(name for row in rows for name in row.phases))
+        table: list[list[object]] = [[row.number, row.engine, "yes" if row.forked else "no",
+                                      *(_num(row.phases[n], 1) if n in row.phases else "" for n in names),
+                                      _num(row.ready_s, 1)] for row in rows]
+        if names:
+            table.append(["median", "", "", *(_num(median_phase(rows, n), 1) for n in names), _num(ready, 1)])
+            parts.append(md_table(["trial", "engine", "forked", *names, "ready"], table) + "\n\nSeconds, read from "
+                         "each server's own log (the engine adapter's start-up lines); `other` is what no line "
+                         "accounts for.")
+        else:
+            parts.append(md_table(["trial", "engine", "forked", "ready"], table))
+    else:
+        parts.append("No server of this study answered.")
+    if campaign.get("held_gpu_s"):
+        parts.append(f"GPU time of this run of the study: measuring / held **{campaign.get('utilisation', 0):.2f}** "
+                     f"({campaign.get('measuring_gpu_s', 0):.0f} of {campaign['held_gpu_s']:.0f} GPU-s held on "
+                     f"{campaign.get('gpus', '?')} GPU(s); start-up, teardown and idle GPUs count as held; "
+                     "`schedule.png`).")
+    return "\n\n".join(parts)
+
+
 def study_markdown(result: StudyResult, importances: Importances, pngs: bool = True) -> str:
     """`pngs`: whether the PNG figures were drawn (matplotlib, the `plots` extra, may be missing)."""
     sections = [f"# servetune report: `{result.name}`" + (" (SIMULATED)" if result.simulated else "")]
@@ -199,6 +228,7 @@ def study_markdown(result: StudyResult, importances: Importances, pngs: bool = T
                      "seed each time): mean ± 95% confidence interval (Student t). Capacity: the highest Poisson "
                      "request rate that met the SLO, found by bisection.\n\n" + md_table(header, rows)]
     sections += ["## Parameter importances", importance_section(importances, pngs),
+                 "## Start-up and GPU time", startup_section(result),
                  "## Failed and pruned trials", issues_section(result)]
     return "\n\n".join(sections) + "\n"
 

@@ -21,6 +21,7 @@ from tuner.records.recommend import Recommendation, recommend
 from tuner.records.trial import StudyRecord, records
 from tuner.report.goodput import goodput_under
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
+from tuner.report.startup import StartupRow, read_campaign, startup_rows
 from tuner.space.fit import output_changes
 from tuner.space.knobs import load_space
 
@@ -63,6 +64,8 @@ class StudyResult:
     running: int
     finals: dict[int, dict[str, Any]] = field(default_factory=dict)  # trial -> `remeasured`, `capacity`
     recommendation: Recommendation | None = None
+    startup: list[StartupRow] = field(default_factory=list)  # every server that answered, phase by phase
+    campaign: dict[str, Any] = field(default_factory=dict)  # this run's GPU time (campaign.json), where written
 
     @property
     def simulated(self) -> bool:
@@ -204,7 +207,8 @@ def load_result(study: optuna.Study, slo: SLO | None = None, run_dir: Path | Non
         points=points, front=pareto_front(points, objectives), baseline=next((p for p in points if p.baseline), None),
         best=recommendation.point if recommendation else None,
         goodput={p.number: goodput_under(slo, p, run_dir) for p in points},
-        issues=issues, rejected=rejected, running=running, finals=finals, recommendation=recommendation)
+        issues=issues, rejected=rejected, running=running, finals=finals, recommendation=recommendation,
+        startup=startup_rows(study), campaign=read_campaign(run_dir))
 
 
 def output_changes_of(rec: StudyRecord, points: list[Point], prefer: str, objectives: Objectives) -> tuple[str, ...]:
