@@ -81,7 +81,9 @@ def test_a_report_shows_each_server_s_start_up_phases_and_the_gpu_time_measuring
     study = optuna.load_study(study_name="r5-with-rows0", storage=f"sqlite:///{store}")
     (tmp_path / "campaign.json").write_text('{"gpus": 1, "held_gpu_s": 600.0, "measuring_gpu_s": 90.0, '
                                             '"utilisation": 0.15, "spans": []}')
-    report = write_study_report(study, tmp_path / "out", run_dir=tmp_path).files[0].read_text()
+    written = write_study_report(study, tmp_path / "out", run_dir=tmp_path)
+    assert written.metrics["ready_median_s"] == 89.82 and written.metrics["measuring_over_held"] == 0.15  # MLflow
+    report = written.files[0].read_text()
     section = report.split("## Start-up and GPU time")[1].split("\n## ")[0]
     assert "**median 89.8 s** over 3 server(s), 64.5-94.3 s" in section
     header = next(line for line in section.splitlines() if line.startswith("| trial"))

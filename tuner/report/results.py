@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,10 @@ class StudyResult:
             out["throughput_vs_defaults"] = self.ratios()[THROUGHPUT]
         if (best_good := self.best_goodput()) is not None:
             out["best_goodput"] = best_good[1]
+        if self.startup:
+            out["ready_median_s"] = statistics.median(row.ready_s for row in self.startup)
+        if self.campaign.get("held_gpu_s"):
+            out["measuring_over_held"] = float(self.campaign.get("utilisation", 0.0))
         return out
 
 
