@@ -40,7 +40,9 @@ def read_campaign(run_dir: Path | None) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in data.items() if k != "spans"} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def median_phase(rows: list[StartupRow], name: str) -> float | None:
