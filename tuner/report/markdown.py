@@ -203,8 +203,7 @@ def startup_section(result: StudyResult) -> str:
     if campaign.get("held_gpu_s"):
         parts.append(f"GPU time of this run of the study: measuring / held **{campaign.get('utilisation', 0):.2f}** "
                      f"({campaign.get('measuring_gpu_s', 0):.0f} of {campaign['held_gpu_s']:.0f} GPU-s held on "
-                     f"{campaign.get('gpus', '?')} GPU(s); start-up, teardown and idle GPUs count as held; "
-                     "`schedule.png`).")
+                     f"{campaign.get('gpus', '?')} GPU(s); start-up, teardown and idle GPUs count as held).")
     return "\n\n".join(parts)
 
 
