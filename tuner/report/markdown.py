@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 
@@ -14,7 +13,7 @@ from tuner.records.pareto import Point, front_table
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
 from tuner.report.importance import Importances
 from tuner.report.results import STOPPED, StudyResult
-from tuner.report.startup import median_phase
+from tuner.report.startup import median_phase, median_ready
 from tuner.tracking.plots import NO_PNG
 
 SIMULATED_NOTE = ("> **SIMULATED**: these figures come from servetune's performance model of the GPU, not from a "
@@ -183,8 +182,8 @@ def issues_section(result: StudyResult) -> str:
 
 def startup_section(result: StudyResult) -> str:
     rows, campaign, parts = result.startup, result.campaign, []
-    if rows:
-        ready = statistics.median(row.ready_s for row in rows)
+    ready = median_ready(rows)
+    if ready is not None:
         parts.append(f"Ready (launch to the first healthy answer): **median {ready:.1f} s** over {len(rows)} "
                      f"server(s), {min(r.ready_s for r in rows):.1f}-{max(r.ready_s for r in rows):.1f} s.")
         names = list(dict.fromkeys(name for row in rows for name in row.phases))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,10 @@ from tuner.outcome import Outcome
 from tuner.records.objectives import THROUGHPUT, Objectives
 from tuner.records.pareto import Point, pareto_front, pick
 from tuner.records.recommend import Recommendation, recommend
-from tuner.records.trial import StudyRecord, records
+from tuner.records.trial import StudyRecord, TrialRecord, records
 from tuner.report.goodput import goodput_under
 from tuner.report.hypervolume import hypervolume_2d, reference_latency
-from tuner.report.startup import StartupRow, read_campaign, startup_rows
+from tuner.report.startup import StartupRow, median_ready, read_campaign, startup_rows
 from tuner.space.fit import output_changes
 from tuner.space.knobs import load_space
 
@@ -147,8 +146,8 @@ class StudyResult:
             out["throughput_vs_defaults"] = self.ratios()[THROUGHPUT]
         if (best_good := self.best_goodput()) is not None:
             out["best_goodput"] = best_good[1]
-        if self.startup:
-            out["ready_median_s"] = statistics.median(row.ready_s for row in self.startup)
+        if (ready := median_ready(self.startup)) is not None:
+            out["ready_median_s"] = ready
         if self.campaign.get("held_gpu_s"):
             out["measuring_over_held"] = float(self.campaign.get("utilisation", 0.0))
         return out
@@ -173,11 +172,11 @@ def _telling_line(text: str) -> str:
     return (errors or lines or [""])[-1][:200]
 
 
-def _issues(study: optuna.Study) -> tuple[list[TrialIssue], Counter, int]:
+def _issues(trials: list[TrialRecord]) -> tuple[list[TrialIssue], Counter, int]:
     issues: list[TrialIssue] = []
     rejected: Counter = Counter()
     running = 0
-    for r in records(study):
+    for r in trials:
         if r.state in ("RUNNING", "WAITING"):
             running += 1
         elif r.state in ("FAIL", "PRUNED") and r.failure in NEVER_LAUNCHED:
@@ -201,7 +200,8 @@ def load_result(study: optuna.Study, slo: SLO | None = None, run_dir: Path | Non
         slo = parse_slo(rec.slo)
     objectives = study_objectives(study)
     points = points_under(study, slo)
-    issues, rejected, running = _issues(study)
+    trials = records(study)
+    issues, rejected, running = _issues(trials)
     finals = {int(number): final for number, final in rec.finals.items()}
     recommendation = recommend(points, objectives, slo, finals, rec.offered_rate, prefer,
                                output_changes_of(rec, points, prefer, objectives))
@@ -213,7 +213,7 @@ def load_result(study: optuna.Study, slo: SLO | None = None, run_dir: Path | Non
         best=recommendation.point if recommendation else None,
         goodput={p.number: goodput_under(slo, p, run_dir) for p in points},
         issues=issues, rejected=rejected, running=running, finals=finals, recommendation=recommendation,
-        startup=startup_rows(study), campaign=read_campaign(run_dir))
+        startup=startup_rows(trials), campaign=read_campaign(run_dir))
 
 
 def output_changes_of(rec: StudyRecord, points: list[Point], prefer: str, objectives: Objectives) -> tuple[str, ...]:

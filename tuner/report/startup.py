@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
-
-from tuner.records.trial import records
+from tuner.records.trial import TrialRecord
 
 
 @dataclass(frozen=True)
@@ -25,10 +23,10 @@ class StartupRow:
     phases: dict[str, float] = field(default_factory=dict)
 
 
-def startup_rows(study: optuna.Study) -> list[StartupRow]:
+def startup_rows(trials: list[TrialRecord]) -> list[StartupRow]:
     return [StartupRow(number=r.number, engine=r.engine, ready_s=float(r.ready_s), forked=r.forked,
                        phases={k: v for k, v in r.startup_phases.items() if k != "ready"})
-            for r in records(study) if r.ready_s]
+            for r in trials if r.ready_s]
 
 
 def read_campaign(run_dir: Path | None) -> dict[str, Any]:
@@ -43,6 +41,10 @@ def read_campaign(run_dir: Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def median_ready(rows: list[StartupRow]) -> float | None:
+    return statistics.median(row.ready_s for row in rows) if rows else None
 
 
 def median_phase(rows: list[StartupRow], name: str) -> float | None:
